@@ -1,0 +1,61 @@
+//! Decoding: bytes in, frames or errors out. No I/O, no clock, no tokio.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::{frame::FixedHeader, Error, Frame, Limits};
+
+/// The streaming decoder. Stateless apart from its limits: feed it the read buffer as
+/// often as bytes arrive.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Decoder {
+    pub limits: Limits,
+}
+
+impl Decoder {
+    pub fn new(limits: Limits) -> Decoder {
+        Decoder { limits }
+    }
+
+    /// Takes the next complete frame off the front of `src`.
+    ///
+    /// - `Ok(Some(frame))`: one frame was split off `src`; its body shares `src`'s memory.
+    /// - `Ok(None)`: need more bytes. `src` is unchanged, with room reserved for the rest of
+    ///   the frame (never more than the frame-length cap, which is checked on the length
+    ///   prefix before anything is reserved).
+    /// - `Err(e)`: the stream is broken at this frame; send ERROR(`e.code()`) and close.
+    pub fn decode(&self, src: &mut BytesMut) -> Result<Option<Frame>, Error> {
+        let Some(fixed) = FixedHeader::parse(src, &self.limits)? else {
+            return Ok(None);
+        };
+        let frame_len = fixed.frame_len();
+        if src.len() < frame_len {
+            src.reserve(frame_len - src.len());
+            return Ok(None);
+        }
+        Frame::from_parts(fixed, src.split_to(frame_len).freeze()).map(Some)
+    }
+}
+
+/// Decodes the one frame at the front of a complete input: returns it and the bytes it
+/// took. Input that ends inside the frame is [`Error::Truncated`].
+pub fn decode_frame(src: &Bytes, limits: &Limits) -> Result<(Frame, usize), Error> {
+    let fixed = FixedHeader::parse(src, limits)?.ok_or(Error::Truncated {
+        needed: tether_protocol::FIXED_HEADER_LEN - src.len(),
+    })?;
+    let frame_len = fixed.frame_len();
+    if src.len() < frame_len {
+        return Err(Error::Truncated {
+            needed: frame_len - src.len(),
+        });
+    }
+    Ok((Frame::from_parts(fixed, src.slice(..frame_len))?, frame_len))
+}
+
+/// Decodes an input that must be exactly one frame (a test vector, a datagram).
+pub fn decode_exact(src: &Bytes, limits: &Limits) -> Result<Frame, Error> {
+    let (frame, used) = decode_frame(src, limits)?;
+    if used != src.len() {
+        return Err(Error::Malformed("bytes follow the frame"));
+    }
+    Ok(frame)
+}
