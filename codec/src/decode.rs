@@ -39,7 +39,7 @@ impl Decoder {
 /// Decodes the one frame at the front of a complete input: returns it and the bytes it
 /// took. Input that ends inside the frame is [`Error::Truncated`].
 pub fn decode_frame(src: &Bytes, limits: &Limits) -> Result<(Frame, usize), Error> {
-    let fixed = FixedHeader::parse(src, limits)?.ok_or(Error::Truncated {
+    let fixed = FixedHeader::parse(src, limits)?.ok_or_else(|| Error::Truncated {
         needed: tether_protocol::FIXED_HEADER_LEN - src.len(),
     })?;
     let frame_len = fixed.frame_len();
