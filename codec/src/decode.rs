@@ -39,16 +39,27 @@ impl Decoder {
 /// Decodes the one frame at the front of a complete input: returns it and the bytes it
 /// took. Input that ends inside the frame is [`Error::Truncated`].
 pub fn decode_frame(src: &Bytes, limits: &Limits) -> Result<(Frame, usize), Error> {
-    let fixed = FixedHeader::parse(src, limits)?.ok_or_else(|| Error::Truncated {
-        needed: tether_protocol::FIXED_HEADER_LEN - src.len(),
-    })?;
-    let frame_len = fixed.frame_len();
-    if src.len() < frame_len {
-        return Err(Error::Truncated {
-            needed: frame_len - src.len(),
-        });
+    match FixedHeader::parse(src, limits)? {
+        Some(fixed) if src.len() >= fixed.frame_len() => {
+            let frame_len = fixed.frame_len();
+            Ok((Frame::from_parts(fixed, src.slice(..frame_len))?, frame_len))
+        }
+        _ => Err(truncated(src, limits)),
     }
-    Ok((Frame::from_parts(fixed, src.slice(..frame_len))?, frame_len))
+}
+
+/// The error for input that ends before the frame at its front does: the fixed header's
+/// own error if it has one, else how many bytes are missing.
+pub(crate) fn truncated(src: &[u8], limits: &Limits) -> Error {
+    match FixedHeader::parse(src, limits) {
+        Err(e) => e,
+        Ok(None) => Error::Truncated {
+            needed: tether_protocol::FIXED_HEADER_LEN - src.len(),
+        },
+        Ok(Some(fixed)) => Error::Truncated {
+            needed: fixed.frame_len().saturating_sub(src.len()),
+        },
+    }
 }
 
 /// Decodes an input that must be exactly one frame (a test vector, a datagram).

@@ -57,13 +57,7 @@ impl tokio_util::codec::Decoder for TetherCodec {
         match self.decode(src)? {
             Some(frame) => Ok(Some(frame)),
             None if src.is_empty() => Ok(None),
-            None => Err(Error::Truncated {
-                needed: crate::FixedHeader::parse(src, &self.decoder.limits)?
-                    .map_or(crate::FIXED_HEADER_LEN - src.len(), |h| {
-                        h.frame_len() - src.len()
-                    }),
-            }
-            .into()),
+            None => Err(crate::decode::truncated(src, &self.decoder.limits).into()),
         }
     }
 }
@@ -91,5 +85,51 @@ impl tokio_util::codec::Encoder<Bytes> for TetherCodec {
     fn encode(&mut self, frame: Bytes, dst: &mut BytesMut) -> Result<(), CodecError> {
         dst.extend_from_slice(&frame);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{Bytes, BytesMut};
+    use tether_protocol::pb;
+    use tokio_util::codec::{Decoder as _, Encoder as _};
+
+    use super::*;
+    use crate::{Header, Limits};
+
+    #[test]
+    fn frames_and_pre_encoded_bytes_encode_alike_and_decode_back() {
+        let mut codec = TetherCodec::default();
+        let frame = Frame::with_body(
+            Header::Downlink(pb::Downlink {
+                seq: 9,
+                body_type: 0,
+            }),
+            Bytes::from_static(b"hello"),
+        );
+        let shared = frame.to_bytes(&Limits::default()).unwrap();
+        let mut buf = BytesMut::new();
+        codec.encode(&frame, &mut buf).unwrap();
+        codec.encode(shared.clone(), &mut buf).unwrap();
+        assert_eq!(&buf[..shared.len()], &shared[..]);
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(frame.clone()));
+        assert_eq!(codec.decode_eof(&mut buf).unwrap(), Some(frame));
+        assert_eq!(codec.decode_eof(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn eof_inside_a_frame_is_a_truncation_error() {
+        let mut codec = TetherCodec::default();
+        let mut buf = BytesMut::from(&[0, 0, 0, 8, 0xF7, 1, 0, 8, 0, 2, 0x08][..]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        match codec.decode_eof(&mut buf) {
+            Err(CodecError::Frame(Error::Truncated { needed: 1 })) => {}
+            other => panic!("{other:?}"),
+        }
+        let mut short = BytesMut::from(&[0, 0, 0][..]);
+        assert!(matches!(
+            codec.decode_eof(&mut short),
+            Err(CodecError::Frame(Error::Truncated { needed: 7 }))
+        ));
     }
 }
