@@ -26,7 +26,7 @@ pub fn encode_batch(
         });
     }
     let count = u32::try_from(frames.len()).map_err(|_| Error::Malformed("too many frames"))?;
-    let (body, gzip) = compress.compress(body.freeze());
+    let (body, gzip) = compress.compress(body.freeze(), limits);
     let frame = Frame {
         header: Header::Batch(pb::Batch { count }),
         gzip,

@@ -35,13 +35,18 @@ impl Default for CompressOptions {
 
 impl CompressOptions {
     /// The body to send and whether it is gzip: the gzip member if the body is at least
-    /// `threshold` long and the member is smaller than the body, else the body itself.
-    pub fn compress(&self, body: Bytes) -> (Bytes, bool) {
-        if body.len() < self.threshold {
+    /// `threshold` long, the member is smaller than the body, and a receiver with `limits`
+    /// would inflate it (a very repetitive body can compress past `max_expansion_ratio`, and
+    /// a body over `max_decompressed_len` must not be compressed into one frame); else the
+    /// body itself.
+    pub fn compress(&self, body: Bytes, limits: &Limits) -> (Bytes, bool) {
+        if body.len() < self.threshold || body.len() > limits.max_decompressed_len {
             return (body, false);
         }
         match gzip(&body, self.level) {
-            Some(z) if z.len() < body.len() => (Bytes::from(z), true),
+            Some(z) if z.len() < body.len() && body.len() <= limits.decompressed_cap(z.len()) => {
+                (Bytes::from(z), true)
+            }
             _ => (body, false),
         }
     }
@@ -101,10 +106,11 @@ mod tests {
     #[test]
     fn compresses_only_at_threshold_and_when_smaller() {
         let opts = CompressOptions::default();
+        let limits = Limits::default();
         let small = Bytes::from(vec![b'a'; DEFAULT_COMPRESS_THRESHOLD - 1]);
-        assert_eq!(opts.compress(small.clone()), (small, false));
+        assert_eq!(opts.compress(small.clone(), &limits), (small, false));
         let big = Bytes::from(vec![b'a'; DEFAULT_COMPRESS_THRESHOLD]);
-        let (z, gz) = opts.compress(big.clone());
+        let (z, gz) = opts.compress(big.clone(), &limits);
         assert!(gz && z.len() < big.len());
         assert_eq!(gunzip(&z, &Limits::default()).unwrap(), big);
         // Incompressible data is sent as it is.
@@ -118,7 +124,33 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .into();
-        assert_eq!(opts.compress(noise.clone()), (noise, false));
+        assert_eq!(opts.compress(noise.clone(), &limits), (noise, false));
+    }
+
+    #[test]
+    fn never_produces_what_the_receiver_would_call_a_bomb() {
+        let opts = CompressOptions {
+            level: 9,
+            ..CompressOptions::default()
+        };
+        let limits = Limits::default();
+        // 64 KiB of one byte deflates about 1000:1 at level 9, past the default ratio of 100.
+        let repetitive = Bytes::from(vec![b'z'; 64 * 1024]);
+        let (out, gz) = opts.compress(repetitive.clone(), &limits);
+        assert!(
+            !gz && out == repetitive,
+            "sent as gzip the receiver would refuse"
+        );
+        let lenient = Limits {
+            max_expansion_ratio: 10_000,
+            ..limits
+        };
+        let (z, gz) = opts.compress(repetitive.clone(), &lenient);
+        assert!(gz && z.len() * 100 < repetitive.len());
+        assert!(gunzip(&z, &lenient).unwrap() == repetitive);
+        // Over max_decompressed_len: never compressed into one body.
+        let huge = Bytes::from(vec![b'a'; limits.max_decompressed_len + 1]);
+        assert!(!opts.compress(huge, &lenient).1);
     }
 
     #[test]

@@ -127,7 +127,7 @@ fn definitions() -> Vec<Vector> {
     let long_text =
         "Meet at the usual place at seven; bring the slides and the printed agenda. ".repeat(12);
     let gz_body = chat_text("bob", "alice", 7, &long_text);
-    let (gz, is_gz) = CompressOptions::default().compress(gz_body.clone());
+    let (gz, is_gz) = CompressOptions::default().compress(gz_body.clone(), &limits);
     assert!(is_gz, "the gzip vector's body must compress");
     let max_body = DEFAULT_MAX_FRAME_LEN as usize
         - 6
