@@ -70,3 +70,34 @@ pub fn decode_exact(src: &Bytes, limits: &Limits) -> Result<Frame, Error> {
     }
     Ok(frame)
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::BufMut;
+    use tether_protocol::pb;
+
+    use super::*;
+    use crate::Header;
+
+    #[test]
+    fn a_decoded_body_points_into_the_read_buffer() {
+        let frame = Frame::with_body(
+            Header::Uplink(pb::Uplink {
+                msg_id: 1,
+                body_type: 0,
+            }),
+            Bytes::from_static(b"zero-copy body"),
+        );
+        let mut buf = BytesMut::with_capacity(256);
+        frame.encode(&mut buf, &Limits::default()).unwrap();
+        buf.put_slice(b"next");
+        let range = buf.as_ptr_range();
+        let decoded = Decoder::default().decode(&mut buf).unwrap().unwrap();
+        assert_eq!(decoded, frame);
+        assert!(
+            range.contains(&decoded.body.as_ptr()),
+            "the body was copied"
+        );
+        assert_eq!(&buf[..], b"next");
+    }
+}
