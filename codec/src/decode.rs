@@ -1,8 +1,11 @@
 //! Decoding: bytes in, frames or errors out. No I/O, no clock, no tokio.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
-use crate::{frame::FixedHeader, Error, Frame, Limits};
+use crate::{
+    frame::{FixedHeader, Headers},
+    Error, Frame, Limits,
+};
 
 /// The streaming decoder. Stateless apart from its limits: feed it the read buffer as
 /// often as bytes arrive.
@@ -32,7 +35,12 @@ impl Decoder {
             src.reserve(frame_len - src.len());
             return Ok(None);
         }
-        Frame::from_parts(fixed, src.split_to(frame_len).freeze()).map(Some)
+        if fixed.body_len() == 0 {
+            let frame = Frame::from_parts(fixed, Headers(&src[..frame_len]))?;
+            src.advance(frame_len);
+            return Ok(Some(frame));
+        }
+        Frame::from_parts(fixed, src.split_to(frame_len)).map(Some)
     }
 }
 

@@ -12,8 +12,10 @@ macro_rules! headers {
     ($( $(#[$doc:meta])* $variant:ident($ty:ty) ),* $(,)?) => {
         /// A frame's header: the protobuf message its kind byte names.
         ///
-        /// LOGIN and LOGIN_RESULT are boxed so that the enum (and so every [`Frame`]) stays
-        /// small on the hot path of the other kinds.
+        /// The control kinds with strings (login, kick, goaway, rooms, error) are boxed so
+        /// that the enum, and so every [`Frame`], stays small (48 bytes) on the hot path of
+        /// heartbeats, uplinks, downlinks and acks: moving a larger frame around was a
+        /// measurable part of decoding one (BENCHMARKS.md).
         #[derive(Debug, Clone, PartialEq)]
         pub enum Header {
             $( $(#[$doc])* $variant($ty), )*
@@ -36,9 +38,11 @@ macro_rules! headers {
                 debug_assert!(r.is_ok());
             }
 
-            /// Parses `bytes` as the header of a `kind` frame. `bytes` fields of the result
-            /// are slices of `bytes`, not copies.
-            pub fn decode(kind: Kind, bytes: Bytes) -> Result<Header, Error> {
+            /// Parses `bytes` as the header of a `kind` frame. (Only LOGIN and LOGIN_RESULT
+            /// have `bytes` fields, the 16-byte session id; they are copied. Decoding from a
+            /// borrowed slice saves every other frame two reference-count updates.)
+            #[inline]
+            pub fn decode(kind: Kind, bytes: &[u8]) -> Result<Header, Error> {
                 let bad = |reason| Error::MalformedHeader { kind, reason };
                 Ok(match kind {
                     $( Kind::$variant => Header::$variant(<$ty>::decode(bytes).map_err(bad)?), )*
@@ -57,12 +61,12 @@ headers! {
     UplinkAck(pb::UplinkAck),
     Downlink(pb::Downlink),
     DownlinkAck(pb::DownlinkAck),
-    Kick(pb::Kick),
-    GoAway(pb::GoAway),
-    RoomJoin(pb::RoomJoin),
-    RoomLeave(pb::RoomLeave),
-    RoomResult(pb::RoomResult),
-    Error(pb::Error),
+    Kick(Box<pb::Kick>),
+    GoAway(Box<pb::GoAway>),
+    RoomJoin(Box<pb::RoomJoin>),
+    RoomLeave(Box<pb::RoomLeave>),
+    RoomResult(Box<pb::RoomResult>),
+    Error(Box<pb::Error>),
     Batch(pb::Batch),
 }
 
@@ -77,6 +81,50 @@ pub struct Frame {
     /// Flags bit 0: `body` is a gzip member.
     pub gzip: bool,
     pub body: Bytes,
+}
+
+/// What a frame's bytes can come as: a slice of a complete input, or a piece split off a
+/// read buffer.
+pub(crate) trait FrameBytes: AsRef<[u8]> {
+    /// The bytes from `at` on, as the body.
+    fn into_body(self, at: usize) -> Bytes;
+}
+
+impl FrameBytes for Bytes {
+    #[inline]
+    fn into_body(mut self, at: usize) -> Bytes {
+        bytes::Buf::advance(&mut self, at);
+        self
+    }
+}
+
+/// The bytes of a frame without a body, borrowed from the read buffer: decoding a
+/// heartbeat or an ack takes no reference to the buffer at all.
+pub(crate) struct Headers<'a>(pub(crate) &'a [u8]);
+
+impl AsRef<[u8]> for Headers<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.0
+    }
+}
+
+impl FrameBytes for Headers<'_> {
+    fn into_body(self, at: usize) -> Bytes {
+        debug_assert_eq!(
+            at,
+            self.0.len(),
+            "Headers is only for frames without a body"
+        );
+        Bytes::new()
+    }
+}
+
+impl FrameBytes for BytesMut {
+    #[inline]
+    fn into_body(mut self, at: usize) -> Bytes {
+        bytes::Buf::advance(&mut self, at);
+        self.freeze()
+    }
 }
 
 /// The 10-byte fixed header, as parsed by [`FixedHeader::parse`].
@@ -104,6 +152,7 @@ impl FixedHeader {
     /// fewer are there. Everything that can be known about a frame from its first ten
     /// bytes is checked here, before its body is buffered, in the order PROTOCOL.md §3.2
     /// gives (so every implementation reports the same error for the same bytes).
+    #[inline]
     pub fn parse(src: &[u8], limits: &Limits) -> Result<Option<FixedHeader>, Error> {
         let Some(h) = src.first_chunk::<FIXED_HEADER_LEN>() else {
             return Ok(None);
@@ -173,15 +222,17 @@ impl Frame {
     }
 
     /// Builds a frame from its fixed header and the frame's complete bytes (length prefix
-    /// included). `bytes` must be exactly `fixed.frame_len()` long.
-    pub(crate) fn from_parts(fixed: FixedHeader, bytes: Bytes) -> Result<Frame, Error> {
-        debug_assert_eq!(bytes.len(), fixed.frame_len());
+    /// included): `bytes` must be exactly `fixed.frame_len()` long. The body becomes `bytes`
+    /// itself, advanced past the headers: one reference to the read buffer, no copy.
+    #[inline]
+    pub(crate) fn from_parts<B: FrameBytes>(fixed: FixedHeader, bytes: B) -> Result<Frame, Error> {
+        debug_assert_eq!(bytes.as_ref().len(), fixed.frame_len());
         let header_end = FIXED_HEADER_LEN + fixed.header_len as usize;
-        let header = Header::decode(fixed.kind, bytes.slice(FIXED_HEADER_LEN..header_end))?;
+        let header = Header::decode(fixed.kind, &bytes.as_ref()[FIXED_HEADER_LEN..header_end])?;
         Ok(Frame {
             header,
             gzip: fixed.flags & FLAG_GZIP != 0,
-            body: bytes.slice(header_end..),
+            body: bytes.into_body(header_end),
         })
     }
 
@@ -252,4 +303,24 @@ pub fn encode_head(
     dst.put_u16(header_len);
     header.encode_raw(dst);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_stay_small() {
+        // The hot kinds are inline, the rest boxed: see the note on `Header`.
+        assert!(
+            std::mem::size_of::<Header>() <= 48,
+            "{}",
+            std::mem::size_of::<Header>()
+        );
+        assert!(
+            std::mem::size_of::<Frame>() <= 88,
+            "{}",
+            std::mem::size_of::<Frame>()
+        );
+    }
 }

@@ -14,7 +14,7 @@
 
 use std::sync::OnceLock;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 use serde_json::{json, Map, Value};
 use tether_protocol::{Kind, DESCRIPTOR_SET, VERSION};
@@ -83,7 +83,7 @@ pub fn from_json(value: &Value) -> Result<Frame, String> {
     let header_json = obj.get("header").cloned().unwrap_or_else(|| json!({}));
     let dynamic = DynamicMessage::deserialize(descriptor(kind), header_json)
         .map_err(|e| format!("header: {e}"))?;
-    let header = Header::decode(kind, Bytes::from(prost::Message::encode_to_vec(&dynamic)))
+    let header = Header::decode(kind, &prost::Message::encode_to_vec(&dynamic))
         .map_err(|e| e.to_string())?;
     let body = match obj.get("body") {
         None => Vec::new(),

@@ -77,36 +77,38 @@ fn header() -> impl Strategy<Value = Header> {
             .prop_map(|(seq, body_type)| Header::Downlink(pb::Downlink { seq, body_type })),
         any::<u64>().prop_map(|seq| Header::DownlinkAck(pb::DownlinkAck { seq })),
         (0i32..6, small_string())
-            .prop_map(|(reason, message)| Header::Kick(pb::Kick { reason, message })),
+            .prop_map(|(reason, message)| Header::Kick(Box::new(pb::Kick { reason, message }))),
         (
             any::<u32>(),
             small_string(),
             prop::collection::vec(small_string(), 0..3)
         )
-            .prop_map(|(d, reason, alternatives)| Header::GoAway(pb::GoAway {
-                reconnect_delay_ms: d,
-                reason,
-                alternatives
-            })),
+            .prop_map(
+                |(d, reason, alternatives)| Header::GoAway(Box::new(pb::GoAway {
+                    reconnect_delay_ms: d,
+                    reason,
+                    alternatives
+                }))
+            ),
         (any::<u64>(), small_string()).prop_map(|(request_id, room_id)| Header::RoomJoin(
-            pb::RoomJoin {
+            Box::new(pb::RoomJoin {
                 request_id,
                 room_id
-            }
+            })
         )),
         (any::<u64>(), small_string()).prop_map(|(request_id, room_id)| Header::RoomLeave(
-            pb::RoomLeave {
+            Box::new(pb::RoomLeave {
                 request_id,
                 room_id
-            }
+            })
         )),
         (any::<u64>(), small_string(), 0i32..600).prop_map(|(request_id, room_id, code)| {
-            Header::RoomResult(pb::RoomResult {
+            Header::RoomResult(Box::new(pb::RoomResult {
                 request_id,
                 room_id,
                 code,
                 message: String::new(),
-            })
+            }))
         }),
         (
             0i32..600,
@@ -114,12 +116,12 @@ fn header() -> impl Strategy<Value = Header> {
             prop::collection::vec(any::<u32>(), 0..3)
         )
             .prop_map(
-                |(code, message, supported_versions)| Header::Error(pb::Error {
+                |(code, message, supported_versions)| Header::Error(Box::new(pb::Error {
                     code,
                     message,
                     retry_after_ms: 0,
                     supported_versions
-                })
+                }))
             ),
     ]
 }

@@ -230,47 +230,47 @@ fn definitions() -> Vec<Vector> {
         valid("downlink_ack", "The client has everything up to seq 44.",
             Frame::new(Header::DownlinkAck(pb::DownlinkAck { seq: 44 }))),
         valid("kick_logged_in_elsewhere", "The same device logged in on another connection; do not reconnect.",
-            Frame::new(Header::Kick(pb::Kick {
+            Frame::new(Header::Kick(Box::new(pb::Kick {
                 reason: pb::KickReason::LoggedInElsewhere as i32,
                 message: "logged in elsewhere".into(),
-            }))),
+            })))),
         valid("goaway", "The gateway drains: reconnect in 2.5 s (plus jitter), preferably to gw-2.",
-            Frame::new(Header::GoAway(pb::GoAway {
+            Frame::new(Header::GoAway(Box::new(pb::GoAway {
                 reconnect_delay_ms: 2_500,
                 reason: "draining".into(),
                 alternatives: vec!["gw-2.example.com:14000".into()],
-            }))),
+            })))),
         valid("room_join", "Join room lobby, request 1.",
-            Frame::new(Header::RoomJoin(pb::RoomJoin { request_id: 1, room_id: "lobby".into() }))),
+            Frame::new(Header::RoomJoin(Box::new(pb::RoomJoin { request_id: 1, room_id: "lobby".into() })))),
         valid("room_leave", "Leave room lobby, request 2.",
-            Frame::new(Header::RoomLeave(pb::RoomLeave { request_id: 2, room_id: "lobby".into() }))),
+            Frame::new(Header::RoomLeave(Box::new(pb::RoomLeave { request_id: 2, room_id: "lobby".into() })))),
         valid("room_result_ok", "Request 1 succeeded.",
-            Frame::new(Header::RoomResult(pb::RoomResult {
+            Frame::new(Header::RoomResult(Box::new(pb::RoomResult {
                 request_id: 1,
                 room_id: "lobby".into(),
                 code: pb::ErrorCode::Ok as i32,
                 message: String::new(),
-            }))),
+            })))),
         valid("room_result_forbidden", "Request 3 refused by the upstream.",
-            Frame::new(Header::RoomResult(pb::RoomResult {
+            Frame::new(Header::RoomResult(Box::new(pb::RoomResult {
                 request_id: 3,
                 room_id: "staff".into(),
                 code: pb::ErrorCode::RoomForbidden as i32,
                 message: "members only".into(),
-            }))),
+            })))),
         valid("error_not_logged_in", "The answer to any frame but LOGIN before login; the gateway then closes.",
-            Frame::new(Header::Error(pb::Error {
+            Frame::new(Header::Error(Box::new(pb::Error {
                 code: pb::ErrorCode::NotLoggedIn as i32,
                 message: "log in first".into(),
                 ..Default::default()
-            }))),
+            })))),
         valid("error_unsupported_version", "The answer to a frame of another version: lists the versions spoken. Always sent as version 1.",
-            Frame::new(Header::Error(pb::Error {
+            Frame::new(Header::Error(Box::new(pb::Error {
                 code: pb::ErrorCode::UnsupportedVersion as i32,
                 message: "unsupported frame version 2".into(),
                 retry_after_ms: 0,
                 supported_versions: vec![1],
-            }))),
+            })))),
         valid("batch_gzip", "Three downlinks (seq 11..=13) replayed in one gzip BATCH; frames shows them decoded.",
             batch.clone()),
         Vector {
