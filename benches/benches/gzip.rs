@@ -25,7 +25,7 @@ fn levels(c: &mut Criterion) {
     for size in [512usize, 4096, 65536] {
         let body = chat_like(size);
         g.throughput(Throughput::Bytes(size as u64));
-        for level in [1u32, 6, 9] {
+        for level in [1u32, 4, 6, 9] {
             let z = gzip(&body, level).unwrap();
             eprintln!(
                 "{BACKEND} {size} B level {level}: {} B ({:.1} %)",

@@ -11,9 +11,10 @@ use crate::{Error, Limits};
 /// member's 18 bytes of framing eat most of what deflate saves.
 pub const DEFAULT_COMPRESS_THRESHOLD: usize = 512;
 
-/// Default gzip level (0-9). Level 1 took half the CPU of level 6 on chat-like bodies
-/// for a few percent larger output (BENCHMARKS.md, "gzip level").
-pub const DEFAULT_COMPRESS_LEVEL: u32 = 1;
+/// Default gzip level (0-9). On chat-like bodies with zlib-rs, level 4 gives the size of
+/// level 6 up to 4 KiB (+2 %) and half its time at 64 KiB (+6 % size); level 1 is 2x faster
+/// again but 23-65 % larger, which mobile links pay for (BENCHMARKS.md, "gzip level").
+pub const DEFAULT_COMPRESS_LEVEL: u32 = 4;
 
 /// When and how hard to compress bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
