@@ -25,7 +25,10 @@ pub fn encode_batch(
             limit: limits.max_decompressed_len,
         });
     }
-    let count = u32::try_from(frames.len()).map_err(|_| Error::Malformed("too many frames"))?;
+    let count = u32::try_from(frames.len())
+        .ok()
+        .filter(|&n| n <= limits.max_batch_frames)
+        .ok_or(Error::Malformed("more frames than max_batch_frames"))?;
     let (body, gzip) = compress.compress(body.freeze(), limits);
     let frame = Frame {
         header: Header::Batch(pb::Batch { count }),
@@ -42,19 +45,27 @@ pub fn encode_batch(
     Ok(frame)
 }
 
-/// Unpacks a BATCH frame: inflates its body (bounded by `limits`) and decodes exactly
-/// `count` frames from it, none of them a BATCH, with nothing left over.
+/// Unpacks a BATCH frame: checks `count` against `max_batch_frames`, inflates the body
+/// (bounded by `limits`) and decodes exactly `count` frames from it, none of them a BATCH,
+/// with nothing left over.
 pub fn decode_batch(frame: &Frame, limits: &Limits) -> Result<Vec<Frame>, Error> {
     let Header::Batch(pb::Batch { count }) = frame.header else {
         return Err(Error::Malformed("not a BATCH"));
     };
+    if count > limits.max_batch_frames {
+        return Err(Error::Malformed("more frames than max_batch_frames"));
+    }
     let mut rest: Bytes = frame.decompressed_body(limits)?;
     // Every frame takes at least FIXED_HEADER_LEN bytes: that bounds the allocation.
     let mut out = Vec::with_capacity((count as usize).min(rest.len() / crate::FIXED_HEADER_LEN));
+    // `count` is checked again per frame so that a body with more frames cannot grow `out`.
     while !rest.is_empty() {
         let (inner, used) = decode_frame(&rest, limits)?;
         if matches!(inner.header, Header::Batch(_)) {
             return Err(Error::Malformed("a BATCH holds a BATCH"));
+        }
+        if out.len() == count as usize {
+            return Err(Error::Malformed("BATCH count does not match its frames"));
         }
         out.push(inner);
         rest = rest.slice(used..);

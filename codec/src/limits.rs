@@ -16,6 +16,11 @@ pub const DEFAULT_MAX_DECOMPRESSED_LEN: usize = 1024 * 1024;
 /// its compressed size (real chat traffic inflates 2-10x; a gzip bomb about 1000x).
 pub const DEFAULT_MAX_EXPANSION_RATIO: u32 = 100;
 
+/// Default maximum number of frames in one BATCH: 1,024. Checked on the BATCH header's
+/// `count` before anything is inflated, so a small BATCH of tiny frames cannot make the
+/// receiver allocate a frame list many times its decompression cap.
+pub const DEFAULT_MAX_BATCH_FRAMES: u32 = 1024;
+
 /// Upper bound for a configured `max_frame_len`: 16 MiB. Larger values are clamped.
 pub const ABSOLUTE_MAX_FRAME_LEN: u32 = 16 * 1024 * 1024;
 
@@ -32,6 +37,8 @@ pub struct Limits {
     pub max_decompressed_len: usize,
     /// Maximum decompressed / compressed size ratio of a body.
     pub max_expansion_ratio: u32,
+    /// Maximum number of frames in one BATCH.
+    pub max_batch_frames: u32,
 }
 
 impl Default for Limits {
@@ -41,6 +48,7 @@ impl Default for Limits {
             max_header_len: DEFAULT_MAX_HEADER_LEN,
             max_decompressed_len: DEFAULT_MAX_DECOMPRESSED_LEN,
             max_expansion_ratio: DEFAULT_MAX_EXPANSION_RATIO,
+            max_batch_frames: DEFAULT_MAX_BATCH_FRAMES,
         }
     }
 }

@@ -274,6 +274,33 @@ fn encoder_refuses_what_the_decoder_would_reject() {
 }
 
 #[test]
+fn batches_hold_at_most_max_batch_frames() {
+    let limits = Limits {
+        max_batch_frames: 3,
+        ..Limits::default()
+    };
+    let ping = Frame::new(Header::Ping(pb::Ping {}));
+    let three = encode_batch(&vec![ping.clone(); 3], &CompressOptions::default(), &limits).unwrap();
+    assert_eq!(decode_batch(&three, &limits).unwrap().len(), 3);
+    assert!(encode_batch(&vec![ping.clone(); 4], &CompressOptions::default(), &limits).is_err());
+    // A body holding more frames than its count is refused without collecting them all.
+    let four = encode_batch(
+        &vec![ping; 4],
+        &CompressOptions::default(),
+        &Limits::default(),
+    )
+    .unwrap();
+    let lying = Frame {
+        header: Header::Batch(pb::Batch { count: 3 }),
+        ..four
+    };
+    assert_eq!(
+        decode_batch(&lying, &limits),
+        Err(Error::Malformed("BATCH count does not match its frames"))
+    );
+}
+
+#[test]
 fn an_oversized_length_is_rejected_before_the_body_is_buffered() {
     // Ten bytes announcing a 16 MiB frame: the decoder must fail, not reserve 16 MiB.
     let mut buf = BytesMut::from(&[0x01, 0x00, 0x00, 0x00, 0xF7, 0x01, 0x00, 0x05, 0x00, 0x00][..]);

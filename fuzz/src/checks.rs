@@ -14,6 +14,7 @@ pub fn small_limits() -> Limits {
         max_header_len: 512,
         max_decompressed_len: 64 * 1024,
         max_expansion_ratio: 100,
+        max_batch_frames: 32,
     }
 }
 
@@ -122,7 +123,7 @@ pub fn batch(data: &[u8]) {
     if data.len() < 5 {
         return;
     }
-    let count = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) % 64;
+    let count = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) % 64; // some over the cap of 32
     let frame = Frame {
         header: Header::Batch(pb::Batch { count }),
         gzip: data[4] & 1 == 1,
