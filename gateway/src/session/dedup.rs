@@ -1,41 +1,69 @@
 //! The uplink dedup window of a session (PROTOCOL.md §6.4): a resent UPLINK whose `msg_id`
-//! is among the session's recent ids is acked again and not forwarded twice.
+//! is among the session's recent ids is not forwarded again; it is acked again with the
+//! original's outcome, or, if the original is still with the upstream, acked when that
+//! answer comes (acks go to whichever connection the session has then).
+
+use tether_protocol::pb::ErrorCode;
 
 /// Default number of recent uplink ids a session remembers.
 pub const DEFAULT_DEDUP_WINDOW: usize = 128;
 
-/// The last `window` distinct uplink ids of a session, in a ring. Nothing is allocated until
-/// the first uplink, so an idle session costs the size of this struct (32 bytes).
+/// What the window knew of an uplink id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Not in the window: forward it (it is now recorded as in flight).
+    New,
+    /// Forwarded, no answer from the upstream yet: send nothing now.
+    InFlight,
+    /// Answered: ack again with this code.
+    Done(ErrorCode),
+}
+
+const IN_FLIGHT: i32 = -1;
+
+/// The last `window` distinct uplink ids of a session with their outcome, in a ring. Nothing
+/// is allocated until the first uplink, so an idle session costs the size of this struct.
 ///
 /// A lookup scans the ring: at the default window that is 128 comparisons of a u64, less
 /// than a hash lookup costs at this size, and no second structure to keep in step.
 #[derive(Debug, Default)]
 pub struct UplinkDedup {
-    ring: Vec<u64>,
+    ring: Vec<(u64, i32)>,
     /// Where the next id goes once the ring is full.
     next: usize,
 }
 
 impl UplinkDedup {
-    /// Records `msg_id`; false if it is already in the window (a resend).
-    pub fn insert(&mut self, msg_id: u64, window: usize) -> bool {
-        if self.ring.contains(&msg_id) {
-            return false;
+    /// Looks `msg_id` up, recording it as in flight if it is new.
+    pub fn check(&mut self, msg_id: u64, window: usize) -> Seen {
+        if let Some(&(_, code)) = self.ring.iter().find(|(id, _)| *id == msg_id) {
+            return match code {
+                IN_FLIGHT => Seen::InFlight,
+                c => Seen::Done(ErrorCode::try_from(c).unwrap_or(ErrorCode::Internal)),
+            };
         }
         if window == 0 {
-            return true;
+            return Seen::New;
         }
+        let entry = (msg_id, IN_FLIGHT);
         if self.ring.len() < window {
             if self.ring.capacity() == 0 {
                 self.ring.reserve_exact(window.min(16));
             }
-            self.ring.push(msg_id);
+            self.ring.push(entry);
         } else {
             let at = self.next % self.ring.len();
-            self.ring[at] = msg_id;
+            self.ring[at] = entry;
             self.next = at + 1;
         }
-        true
+        Seen::New
+    }
+
+    /// Records the upstream's answer for `msg_id` (if it is still in the window).
+    pub fn complete(&mut self, msg_id: u64, code: ErrorCode) {
+        if let Some(e) = self.ring.iter_mut().find(|(id, _)| *id == msg_id) {
+            e.1 = code as i32;
+        }
     }
 }
 
@@ -44,17 +72,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_resent_id_is_recognised_within_the_window_and_forgotten_after() {
+    fn a_resend_is_held_while_in_flight_and_acked_with_the_outcome_after() {
         let mut d = UplinkDedup::default();
-        assert!(d.insert(7, 3));
-        assert!(!d.insert(7, 3));
-        assert!(d.insert(8, 3));
-        assert!(d.insert(9, 3));
-        assert!(!d.insert(8, 3));
-        assert!(d.insert(10, 3)); // evicts 7, the oldest
-        assert!(d.insert(7, 3));
-        assert!(!d.insert(9, 3));
-        assert!(!d.insert(10, 3));
+        assert_eq!(d.check(7, 3), Seen::New);
+        assert_eq!(d.check(7, 3), Seen::InFlight);
+        d.complete(7, ErrorCode::Ok);
+        assert_eq!(d.check(7, 3), Seen::Done(ErrorCode::Ok));
+        assert_eq!(d.check(8, 3), Seen::New);
+        d.complete(8, ErrorCode::Rejected);
+        assert_eq!(d.check(8, 3), Seen::Done(ErrorCode::Rejected));
+    }
+
+    #[test]
+    fn the_window_forgets_the_oldest() {
+        let mut d = UplinkDedup::default();
+        for id in [1, 2, 3] {
+            assert_eq!(d.check(id, 3), Seen::New);
+        }
+        assert_eq!(d.check(4, 3), Seen::New); // evicts 1
+        assert_eq!(d.check(1, 3), Seen::New); // evicts 2
+        assert_eq!(d.check(3, 3), Seen::InFlight);
+        assert_eq!(d.check(2, 3), Seen::New);
     }
 
     #[test]
