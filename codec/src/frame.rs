@@ -236,7 +236,9 @@ impl Frame {
         })
     }
 
-    /// Bytes this frame takes on the wire.
+    /// Bytes this frame takes when encoded. For a decoded frame this can differ from the
+    /// bytes it was read from: unknown header fields are dropped, and a negative enum value
+    /// re-encodes as a 10-byte varint.
     pub fn encoded_len(&self) -> usize {
         FIXED_HEADER_LEN + self.header.encoded_len() + self.body.len()
     }
