@@ -4,7 +4,9 @@
 //! property breaks; none may panic for any other reason.
 
 use bytes::{Bytes, BytesMut};
-use tether_codec::{decode_batch, gunzip, Decoder, Error, Frame, Header, Kind, Limits};
+use tether_codec::{
+    decode_batch, decode_exact, decode_frame, gunzip, Decoder, Error, Frame, Header, Kind, Limits,
+};
 use tether_protocol::pb;
 
 /// Small limits, so that the fuzzer reaches the edges quickly.
@@ -46,6 +48,7 @@ fn check_body(frame: &Frame, limits: &Limits) {
     }
     if frame.kind() == Kind::Batch {
         if let Ok(inner) = decode_batch(frame, limits) {
+            assert!(inner.len() <= limits.max_batch_frames as usize);
             for f in &inner {
                 assert!(f.kind() != Kind::Batch, "a BATCH held a BATCH");
             }
@@ -65,8 +68,57 @@ pub fn decode(data: &[u8]) {
     }
 }
 
+/// `decode_frame` over the whole input, frame after frame, gives the frames and the error the
+/// streaming decoder gave; where the stream stopped for more bytes (`left` bytes unused) it
+/// reports `Truncated`. `decode_exact` accepts the input iff it is exactly one frame.
+fn complete_input_agrees(
+    data: &[u8],
+    limits: &Limits,
+    frames: &[Frame],
+    error: &Option<Error>,
+    left: usize,
+) {
+    let all = Bytes::copy_from_slice(data);
+    let mut rest = all.clone();
+    let mut got = Vec::new();
+    let end = loop {
+        if rest.is_empty() {
+            break None;
+        }
+        match decode_frame(&rest, limits) {
+            Ok((f, used)) => {
+                got.push(f);
+                rest = rest.slice(used..);
+            }
+            Err(e) => break Some(e),
+        }
+    };
+    assert_eq!(
+        got, frames,
+        "decode_frame and Decoder::decode disagree on the frames"
+    );
+    match (error, &end) {
+        (None, None) => assert_eq!(left, 0),
+        (None, Some(Error::Truncated { needed })) => assert!(left > 0 && *needed > 0),
+        _ => assert_eq!(
+            &end, error,
+            "decode_frame and Decoder::decode disagree on the error"
+        ),
+    }
+    let exact = decode_exact(&all, limits);
+    if frames.len() == 1 && error.is_none() && left == 0 {
+        assert_eq!(exact.as_ref(), Ok(&frames[0]));
+    } else {
+        assert!(
+            exact.is_err(),
+            "decode_exact took an input that is not one frame"
+        );
+    }
+}
+
 /// The same bytes fed in arbitrary chunks give the same frames and the same error as in
-/// one piece. `data[0]` says how many chunk sizes follow; the rest is the stream.
+/// one piece, and as `decode_frame` over the complete input. `data[0] % 16 + 1` chunk sizes
+/// follow (bytes, 0 taken as 1, used in turn); the rest is the stream.
 pub fn decode_chunked(data: &[u8]) {
     let Some((&n, rest)) = data.split_first() else {
         return;
@@ -74,7 +126,9 @@ pub fn decode_chunked(data: &[u8]) {
     let n = (n as usize % 16 + 1).min(rest.len());
     let (sizes, stream) = rest.split_at(n);
     let decoder = Decoder::new(small_limits());
-    let whole = decode_stream(&decoder, &mut BytesMut::from(stream));
+    let mut all = BytesMut::from(stream);
+    let whole = decode_stream(&decoder, &mut all);
+    complete_input_agrees(stream, &decoder.limits, &whole.0, &whole.1, all.len());
 
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
@@ -99,7 +153,10 @@ pub fn decode_chunked(data: &[u8]) {
 pub fn gunzip_bounded(data: &[u8]) {
     let limits = small_limits();
     if let Ok(out) = gunzip(data, &limits) {
-        assert!(out.len() <= limits.decompressed_cap(data.len()));
+        let cap = limits.decompressed_cap(data.len());
+        assert!(out.len() <= cap);
+        // The output buffer never grows past the cap plus the one byte that proves it crossed.
+        assert!(out.capacity() <= cap + 1, "{} > {cap} + 1", out.capacity());
     }
 }
 
@@ -123,13 +180,15 @@ pub fn roundtrip(data: &[u8]) {
     }
 }
 
-/// Arbitrary bytes as the body of a BATCH frame: `data[0..4]` the count, bit 0 of
-/// `data[4]` the gzip flag, the rest the body.
+/// Arbitrary bytes as the body of a BATCH frame: `data[0..4]` the count (u32 LE), `data[4]`
+/// the flags: bit 0 gzip, bit 1 take the count as it is (else mod 64, so that most counts are
+/// near the cap of 32 frames); the rest the body.
 pub fn batch(data: &[u8]) {
     if data.len() < 5 {
         return;
     }
-    let count = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) % 64; // some over the cap of 32
+    let raw = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+    let count = if data[4] & 2 != 0 { raw } else { raw % 64 };
     let frame = Frame {
         header: Header::Batch(pb::Batch { count }),
         gzip: data[4] & 1 == 1,
@@ -138,6 +197,10 @@ pub fn batch(data: &[u8]) {
     let limits = small_limits();
     if let Ok(inner) = decode_batch(&frame, &limits) {
         assert_eq!(inner.len(), count as usize);
+        assert!(
+            count <= limits.max_batch_frames,
+            "a BATCH over the frame cap unpacked"
+        );
         assert!(inner.iter().all(|f| f.kind() != Kind::Batch));
     }
 }
