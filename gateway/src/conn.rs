@@ -102,6 +102,11 @@ impl Conn {
         }
     }
 
+    /// When the connection was accepted.
+    pub fn opened(&self) -> Tick {
+        self.opened
+    }
+
     pub fn is_logged_in(&self) -> bool {
         matches!(self.phase, Phase::LoggedIn { .. })
     }

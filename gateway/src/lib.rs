@@ -1,13 +1,26 @@
-//! The Tether gateway.
+//! The Tether gateway: an IM access layer holding long-lived client connections.
 //!
-//! Work in progress (issue 4): so far the sans-IO pieces of a session that the connection
-//! shell will drive — downlink sequence numbers, the bounded unacked buffer with cumulative
-//! acks, resume and gap reporting ([`session::downlink`]), and the uplink dedup window
-//! ([`session::dedup`]), the per-connection protocol state: login phase, login deadline,
-//! heartbeat liveness, frame dispatch ([`conn`]), and the timing wheel that gives every connection its login and
-//! heartbeat deadlines without an OS timer each ([`timer`]). They take no clock and do no
-//! I/O, so they are tested without sockets or sleeps.
+//! - [`server::Gateway`] starts one: SO_REUSEPORT listeners and an epoll loop per worker
+//!   thread ([`worker`]), the admin HTTP server ([`admin`]).
+//! - [`node::Node`] is what the workers share: sessions by id, user and room; pushes; kicks.
+//! - The protocol logic is sans-IO and takes the time as an argument: per connection
+//!   ([`conn`]), per session ([`session`]), deadlines ([`timer`]).
+//! - [`upstream::Upstream`] is the back end's interface; [`embedded::ChatUpstream`] the
+//!   reference chat back end used when nothing else is configured. [`auth`] decides who
+//!   logs in.
 
+pub mod admin;
+pub mod auth;
+pub mod clock;
+pub mod config;
 pub mod conn;
+pub mod embedded;
+pub mod metrics;
+pub mod node;
+pub mod server;
 pub mod session;
 pub mod timer;
+pub mod upstream;
+mod worker;
+
+pub use server::{Gateway, Options};

@@ -67,6 +67,17 @@ impl UplinkDedup {
     }
 }
 
+impl UplinkDedup {
+    /// Forgets `msg_id`, so that a resend is forwarded again (after a retriable failure:
+    /// `UPSTREAM_UNAVAILABLE`, `UPSTREAM_TIMEOUT`, `RATE_LIMITED`).
+    pub fn forget(&mut self, msg_id: u64) {
+        if let Some(e) = self.ring.iter_mut().find(|(id, _)| *id == msg_id) {
+            // An id no client sends (PROTOCOL.md §4.5: msg_id is non-zero).
+            *e = (0, 0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +92,15 @@ mod tests {
         assert_eq!(d.check(8, 3), Seen::New);
         d.complete(8, ErrorCode::Rejected);
         assert_eq!(d.check(8, 3), Seen::Done(ErrorCode::Rejected));
+    }
+
+    #[test]
+    fn a_forgotten_id_is_new_again() {
+        let mut d = UplinkDedup::default();
+        assert_eq!(d.check(7, 3), Seen::New);
+        d.forget(7);
+        assert_eq!(d.check(7, 3), Seen::New);
+        assert_eq!(d.check(7, 3), Seen::InFlight);
     }
 
     #[test]

@@ -147,6 +147,13 @@ impl DownlinkBuffer {
         }
     }
 
+    /// The buffered downlinks with a seq above `seq`, oldest first (what a connection that
+    /// was sent everything up to `seq` still needs).
+    pub fn after(&self, seq: u64) -> std::collections::vec_deque::Iter<'_, Downlink> {
+        let n = self.unacked.partition_point(|d| d.seq <= seq);
+        self.unacked.range(n..)
+    }
+
     /// The seq of the last downlink pushed.
     pub fn last_seq(&self) -> u64 {
         self.last_seq

@@ -1,0 +1,208 @@
+//! Every setting of the gateway, in one list: a TOML file (`--config`), environment variables
+//! (`TETHER_*`) and command-line flags, later ones overriding earlier ones. `tether-gateway
+//! --help` prints this list with the defaults.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tether_codec::Limits;
+
+use crate::conn::ConnConfig;
+use crate::session::downlink::DownlinkLimits;
+
+/// Which earlier sessions a new login replaces (PROTOCOL.md §6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MultiDevice {
+    /// One session per (user, device): a second login on the same device kicks the first.
+    PerDevice,
+    /// One session per (user, platform class: mobile, desktop, web, iot): a phone login kicks
+    /// the user's other phone.
+    PerPlatformClass,
+    /// One session per user.
+    Single,
+}
+
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $env:literal $([$($extra:meta),*])?; )*) => {
+        /// The gateway's configuration. Defaults are the named constants of each module.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $( $name: $default, )* }
+            }
+        }
+
+        /// Settings given on the command line or in the environment; each overrides the
+        /// config file.
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct Overrides {
+            $( $(#[doc = $doc])* #[arg(long, env = $env $($(, $extra)*)?)] pub $name: Option<$ty>, )*
+        }
+
+        impl Config {
+            /// Applies the settings that were given.
+            pub fn apply(&mut self, o: Overrides) {
+                $( if let Some(v) = o.$name { self.$name = v; } )*
+            }
+        }
+    };
+}
+
+settings! {
+    /// Plain TCP listen addresses, comma-separated [default: 127.0.0.1:14000].
+    listen: Vec<String> = vec!["127.0.0.1:14000".into()], "TETHER_LISTEN" [value_delimiter = ','];
+    /// TLS listen addresses (need --tls-cert and --tls-key) [default: none].
+    tls_listen: Vec<String> = Vec::new(), "TETHER_TLS_LISTEN" [value_delimiter = ','];
+    /// PEM certificate chain for the TLS listeners.
+    tls_cert: String = String::new(), "TETHER_TLS_CERT";
+    /// PEM private key for the TLS listeners.
+    tls_key: String = String::new(), "TETHER_TLS_KEY";
+    /// Seconds a TLS handshake may take [default: 10].
+    tls_handshake_timeout_secs: u32 = 10, "TETHER_TLS_HANDSHAKE_TIMEOUT_SECS";
+    /// Admin and metrics HTTP address; empty disables it [default: 127.0.0.1:14080].
+    admin_listen: String = "127.0.0.1:14080".into(), "TETHER_ADMIN_LISTEN";
+    /// Worker threads (each with its own SO_REUSEPORT listeners); 0: one per core [default: 0].
+    workers: usize = 0, "TETHER_WORKERS";
+    /// This instance's id, sent in LOGIN_RESULT [default: tether-1].
+    server_id: String = "tether-1".into(), "TETHER_SERVER_ID";
+    /// Most connections held at once; past it a connection gets ERROR SERVER_BUSY [default: 1000000].
+    max_connections: usize = 1_000_000, "TETHER_MAX_CONNECTIONS";
+    /// retry_after_ms told to connections refused as busy [default: 5000].
+    busy_retry_after_ms: u32 = 5_000, "TETHER_BUSY_RETRY_AFTER_MS";
+    /// Listen backlog [default: 65535].
+    backlog: i32 = 65_535, "TETHER_BACKLOG";
+    /// TCP keepalive idle seconds, a backstop under heartbeats; 0 disables [default: 300].
+    tcp_keepalive_secs: u32 = 300, "TETHER_TCP_KEEPALIVE_SECS";
+    /// TCP_USER_TIMEOUT in ms: unacknowledged sent data for this long drops the connection; 0 disables [default: 60000].
+    tcp_user_timeout_ms: u32 = 60_000, "TETHER_TCP_USER_TIMEOUT_MS";
+    /// Longest pause of accepting after EMFILE/ENFILE/ENOBUFS (doubles from 10 ms) [default: 1000].
+    accept_backoff_max_ms: u32 = 1_000, "TETHER_ACCEPT_BACKOFF_MAX_MS";
+    /// HMAC-SHA256 secret of the default token authenticator.
+    auth_secret: String = String::new(), "TETHER_AUTH_SECRET";
+    /// Accept any token (user and device as the LOGIN claims). For development only; logs a warning [default: false].
+    dev_auth: bool = false, "TETHER_DEV_AUTH" [num_args = 0..=1, default_missing_value = "true"];
+    /// Seconds a client has to send LOGIN [default: 10].
+    login_timeout_secs: u32 = crate::conn::DEFAULT_LOGIN_TIMEOUT_SECS, "TETHER_LOGIN_TIMEOUT_SECS";
+    /// Heartbeat interval told to mobile, desktop and IoT clients, ms [default: 30000].
+    heartbeat_mobile_ms: u32 = 30_000, "TETHER_HEARTBEAT_MOBILE_MS";
+    /// Heartbeat interval told to web clients, ms [default: 15000].
+    heartbeat_web_ms: u32 = 15_000, "TETHER_HEARTBEAT_WEB_MS";
+    /// Silent intervals before a connection is closed [default: 3].
+    heartbeat_misses: u32 = crate::conn::DEFAULT_HEARTBEAT_MISSES, "TETHER_HEARTBEAT_MISSES";
+    /// Seconds a session outlives its connection, waiting for a resume [default: 120].
+    resume_grace_secs: u32 = 120, "TETHER_RESUME_GRACE_SECS";
+    /// Unacked downlinks kept per session [default: 1024].
+    max_unacked_frames: usize = crate::session::downlink::DEFAULT_MAX_UNACKED_FRAMES, "TETHER_MAX_UNACKED_FRAMES";
+    /// Body bytes of unacked downlinks kept per session [default: 262144].
+    max_unacked_bytes: usize = crate::session::downlink::DEFAULT_MAX_UNACKED_BYTES, "TETHER_MAX_UNACKED_BYTES";
+    /// Bytes queued for a connection's socket before it is closed as a slow consumer [default: 262144].
+    max_outbound_bytes: usize = 256 * 1024, "TETHER_MAX_OUTBOUND_BYTES";
+    /// Recent uplink ids remembered per session for dedup [default: 128].
+    dedup_window: usize = crate::session::dedup::DEFAULT_DEDUP_WINDOW, "TETHER_DEDUP_WINDOW";
+    /// Which earlier sessions a login replaces [default: per-device].
+    multi_device: MultiDevice = MultiDevice::PerDevice, "TETHER_MULTI_DEVICE";
+    /// Most sessions per user; a login past it ends the oldest (KICK SESSION_LIMIT) [default: 16].
+    max_sessions_per_user: usize = 16, "TETHER_MAX_SESSIONS_PER_USER";
+    /// Largest frame `length` accepted [default: 65536].
+    max_frame_len: u32 = tether_codec::DEFAULT_MAX_FRAME_LEN, "TETHER_MAX_FRAME_LEN";
+    /// Largest protobuf header [default: 4096].
+    max_header_len: u16 = tether_codec::DEFAULT_MAX_HEADER_LEN, "TETHER_MAX_HEADER_LEN";
+    /// Largest inflated gzip body [default: 1048576].
+    max_decompressed_len: usize = tether_codec::DEFAULT_MAX_DECOMPRESSED_LEN, "TETHER_MAX_DECOMPRESSED_LEN";
+    /// Largest inflated/compressed ratio [default: 100].
+    max_expansion_ratio: u32 = tether_codec::DEFAULT_MAX_EXPANSION_RATIO, "TETHER_MAX_EXPANSION_RATIO";
+    /// Most frames in one BATCH [default: 1024].
+    max_batch_frames: u32 = tether_codec::DEFAULT_MAX_BATCH_FRAMES, "TETHER_MAX_BATCH_FRAMES";
+    /// Smallest pushed body that is gzip-compressed for clients that accept it [default: 512].
+    compress_threshold: usize = tether_codec::DEFAULT_COMPRESS_THRESHOLD, "TETHER_COMPRESS_THRESHOLD";
+    /// gzip level [default: 4].
+    compress_level: u32 = tether_codec::DEFAULT_COMPRESS_LEVEL, "TETHER_COMPRESS_LEVEL";
+    /// A resume replay of at least this many frames travels as BATCH frames (gzip clients) [default: 16].
+    replay_batch_min: usize = 16, "TETHER_REPLAY_BATCH_MIN";
+    /// Drain: GOAWAYs are spread over this many ms [default: 10000].
+    drain_window_ms: u32 = 10_000, "TETHER_DRAIN_WINDOW_MS";
+    /// Drain: reconnect_delay_ms hint; each client gets this plus a random share of it [default: 5000].
+    drain_reconnect_delay_ms: u32 = 5_000, "TETHER_DRAIN_RECONNECT_DELAY_MS";
+    /// Drain: ms after the window before remaining connections are closed and the process exits [default: 5000].
+    drain_linger_ms: u32 = 5_000, "TETHER_DRAIN_LINGER_MS";
+    /// Embedded upstream: messages kept per offline user [default: 1000].
+    offline_max_messages: usize = 1_000, "TETHER_OFFLINE_MAX_MESSAGES";
+    /// Embedded upstream: seconds an offline message is kept [default: 259200 = 72 h].
+    offline_max_age_secs: u64 = 72 * 3600, "TETHER_OFFLINE_MAX_AGE_SECS";
+    /// Embedded upstream: most members of a room [default: 100000].
+    room_max_members: usize = 100_000, "TETHER_ROOM_MAX_MEMBERS";
+    /// One-second slots of each worker's timing wheel [default: 512].
+    timer_wheel_slots: usize = crate::timer::DEFAULT_WHEEL_SLOTS, "TETHER_TIMER_WHEEL_SLOTS";
+}
+
+impl Config {
+    /// Reads a TOML file (keys as the settings above, snake_case).
+    pub fn from_toml_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_len: self.max_frame_len,
+            max_header_len: self.max_header_len,
+            max_decompressed_len: self.max_decompressed_len,
+            max_expansion_ratio: self.max_expansion_ratio,
+            max_batch_frames: self.max_batch_frames,
+        }
+    }
+
+    pub fn conn(&self) -> ConnConfig {
+        ConnConfig {
+            login_timeout_secs: self.login_timeout_secs,
+            heartbeat_misses: self.heartbeat_misses,
+        }
+    }
+
+    pub fn downlink_limits(&self) -> DownlinkLimits {
+        DownlinkLimits {
+            max_frames: self.max_unacked_frames,
+            max_bytes: self.max_unacked_bytes,
+        }
+    }
+
+    pub fn compress(&self) -> tether_codec::CompressOptions {
+        tether_codec::CompressOptions {
+            threshold: self.compress_threshold,
+            level: self.compress_level,
+        }
+    }
+
+    /// Checks what a bad value would only reveal later.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listen.is_empty() && self.tls_listen.is_empty() {
+            return Err("no listen address (--listen or --tls-listen)".into());
+        }
+        if !self.tls_listen.is_empty() && (self.tls_cert.is_empty() || self.tls_key.is_empty()) {
+            return Err("--tls-listen needs --tls-cert and --tls-key".into());
+        }
+        if self.auth_secret.is_empty() && !self.dev_auth {
+            return Err(
+                "no --auth-secret: set one, or --dev-auth to accept any token (development only)"
+                    .into(),
+            );
+        }
+        if self.max_frame_len > tether_codec::ABSOLUTE_MAX_FRAME_LEN {
+            return Err(format!(
+                "max_frame_len over the hard ceiling {}",
+                tether_codec::ABSOLUTE_MAX_FRAME_LEN
+            ));
+        }
+        if self.heartbeat_misses == 0 || self.heartbeat_mobile_ms == 0 || self.heartbeat_web_ms == 0
+        {
+            return Err("heartbeat intervals and misses must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,166 @@
+//! Prometheus metrics (`/metrics` on the admin port). Counters are atomics shared by the
+//! workers; the hot paths add once per socket read or write, not once per frame.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// Every metric of a gateway.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub sessions: Gauge,
+    pub accepted: Counter,
+    pub refused_busy: Counter,
+    pub accept_errors: Family<Labels, Counter>,
+    pub tls_handshake_failures: Counter,
+    pub logins: Family<Labels, Counter>,
+    pub closes: Family<Labels, Counter>,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub uplinks: Counter,
+    pub uplink_acks: Family<Labels, Counter>,
+    pub uplink_duplicates: Counter,
+    pub downlinks: Counter,
+    pub downlink_acks: Counter,
+    pub resumes: Family<Labels, Counter>,
+    pub kicks: Family<Labels, Counter>,
+    pub heartbeat_timeouts: Counter,
+    pub login_timeouts: Counter,
+    pub slow_consumers: Counter,
+    pub queue_overflows: Counter,
+    pub sessions_ended: Family<Labels, Counter>,
+    pub decode_errors: Family<Labels, Counter>,
+    pub upstream_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("tether");
+        macro_rules! reg {
+            ($name:literal, $help:literal, $m:expr) => {{
+                let m = $m;
+                r.register($name, $help, m.clone());
+                m
+            }};
+        }
+        Metrics {
+            connections: reg!("connections", "Open client connections", Gauge::default()),
+            sessions: reg!(
+                "sessions",
+                "Live sessions (attached or in their grace period)",
+                Gauge::default()
+            ),
+            accepted: reg!("accepted", "Connections accepted", Counter::default()),
+            refused_busy: reg!(
+                "refused_busy",
+                "Connections refused at max_connections",
+                Counter::default()
+            ),
+            accept_errors: reg!(
+                "accept_errors",
+                "accept() failures by errno",
+                Family::default()
+            ),
+            tls_handshake_failures: reg!(
+                "tls_handshake_failures",
+                "TLS handshakes failed or timed out",
+                Counter::default()
+            ),
+            logins: reg!("logins", "LOGIN outcomes by result", Family::default()),
+            closes: reg!("closes", "Connections closed, by reason", Family::default()),
+            frames_in: reg!("frames_in", "Frames received", Counter::default()),
+            frames_out: reg!("frames_out", "Frames sent", Counter::default()),
+            bytes_in: reg!("bytes_in", "Bytes received (after TLS)", Counter::default()),
+            bytes_out: reg!("bytes_out", "Bytes sent (before TLS)", Counter::default()),
+            uplinks: reg!(
+                "uplinks",
+                "UPLINKs forwarded to the upstream",
+                Counter::default()
+            ),
+            uplink_acks: reg!("uplink_acks", "UPLINK_ACKs by code", Family::default()),
+            uplink_duplicates: reg!(
+                "uplink_duplicates",
+                "Resent UPLINKs not forwarded again",
+                Counter::default()
+            ),
+            downlinks: reg!(
+                "downlinks",
+                "Downlinks queued to sessions",
+                Counter::default()
+            ),
+            downlink_acks: reg!(
+                "downlink_acks",
+                "DOWNLINK_ACKs received",
+                Counter::default()
+            ),
+            resumes: reg!(
+                "resumes",
+                "Logins asking to resume, by outcome",
+                Family::default()
+            ),
+            kicks: reg!("kicks", "KICKs sent, by reason", Family::default()),
+            heartbeat_timeouts: reg!(
+                "heartbeat_timeouts",
+                "Connections closed for silence",
+                Counter::default()
+            ),
+            login_timeouts: reg!(
+                "login_timeouts",
+                "Connections closed for no LOGIN in time",
+                Counter::default()
+            ),
+            slow_consumers: reg!(
+                "slow_consumers",
+                "Connections closed as slow consumers",
+                Counter::default()
+            ),
+            queue_overflows: reg!(
+                "queue_overflows",
+                "Unacked downlinks dropped from full session buffers",
+                Counter::default()
+            ),
+            sessions_ended: reg!(
+                "sessions_ended",
+                "Sessions ended, by reason",
+                Family::default()
+            ),
+            decode_errors: reg!(
+                "decode_errors",
+                "Undecodable input from clients, by error",
+                Family::default()
+            ),
+            upstream_latency: reg!(
+                "upstream_latency_seconds",
+                "Time from forwarding an UPLINK to the upstream's answer",
+                Histogram::new(exponential_buckets(0.00001, 4.0, 12))
+            ),
+            registry: r,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        encode(&mut s, &self.registry).expect("writing to a String cannot fail");
+        s
+    }
+
+    pub fn inc(family: &Family<Labels, Counter>, key: &'static str, value: &'static str) {
+        family.get_or_create(&vec![(key, value)]).inc();
+    }
+}

@@ -1,0 +1,1088 @@
+//! One worker thread: an epoll loop (mio) over its own SO_REUSEPORT listeners and a slab of
+//! compact connection records.
+//!
+//! Nothing here wakes up for an idle connection: no task, no timer and no buffer per
+//! connection. A connection is a slab entry of about 64 bytes (the socket, the 16-byte
+//! [`Conn`], its session, and three optional boxes that exist only while there is something
+//! in them: a partial inbound frame, unwritten outbound bytes, TLS state). Reads go through
+//! one buffer per worker; frames split off it keep their bodies zero-copy. Deadlines live in
+//! the worker's [`TimerWheel`]. Whatever is queued for a connection during one turn of the
+//! loop (answers, acks, downlinks) is written with one `write` at the end of the turn.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use crossbeam_channel::Receiver;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use tether_codec::{encode_batch, encode_head, Decoder, Frame, Header};
+use tether_protocol::pb::{self, ErrorCode, KickReason, Platform};
+
+use crate::conn::{Action, Conn, ConnConfig};
+use crate::metrics::Metrics;
+use crate::node::{Cmd, ConnRef, Link, Node, Session};
+use crate::timer::{Tick, TimerWheel};
+use crate::upstream::Uplink;
+
+/// Bytes read from a socket per `read` call (one buffer per worker).
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Events taken per `epoll_wait`.
+pub const EVENTS_PER_POLL: usize = 1024;
+
+pub(crate) const WAKER: Token = Token(usize::MAX);
+const LISTENER_BASE: usize = usize::MAX - 1024;
+
+const DIRTY: u8 = 1;
+const FILL: u8 = 2;
+const GOAWAY_SENT: u8 = 4;
+
+/// A listener of this worker.
+pub(crate) struct Listener {
+    pub sock: TcpListener,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+struct Entry {
+    stream: TcpStream,
+    conn: Conn,
+    gen: u32,
+    flags: u8,
+    session: Option<Arc<Session>>,
+    /// The start of a frame that has not fully arrived.
+    partial: Option<Box<BytesMut>>,
+    /// Bytes not yet written to the socket.
+    out: Option<Box<BytesMut>>,
+    tls: Option<Box<rustls::ServerConnection>>,
+}
+
+pub(crate) struct Worker {
+    id: u16,
+    node: Arc<Node>,
+    poll: Poll,
+    listeners: Vec<Listener>,
+    rx: Receiver<Cmd>,
+    conns: Slab<Entry>,
+    next_gen: u32,
+    wheel: TimerWheel,
+    /// Detached sessions by the end of their grace period (FIFO: the grace period is fixed,
+    /// so the queue is in deadline order).
+    expiring: VecDeque<(Tick, Arc<Session>, u32)>,
+    decoder: Decoder,
+    conn_config: ConnConfig,
+    rbuf: BytesMut,
+    scratch: Box<[u8]>,
+    actions: Vec<Action>,
+    dirty: Vec<usize>,
+    accept_paused_until: Option<Instant>,
+    accept_backoff: Duration,
+    drain: Option<Drain>,
+    stop: bool,
+    last_accept_error_log: Option<Instant>,
+}
+
+struct Drain {
+    start: Instant,
+    order: Vec<(usize, u32)>,
+    next: usize,
+    rng: u64,
+}
+
+fn errno_label(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(24) => "EMFILE",
+        Some(23) => "ENFILE",
+        Some(105) => "ENOBUFS",
+        Some(12) => "ENOMEM",
+        Some(103) => "ECONNABORTED",
+        Some(1) => "EPERM",
+        _ => "other",
+    }
+}
+
+/// Accept errors that mean "out of resources": back off instead of spinning.
+fn is_resource_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+fn error_frame(code: ErrorCode, message: &str, retry_after_ms: u32) -> Frame {
+    Frame::new(Header::Error(Box::new(pb::Error {
+        code: code as i32,
+        message: message.into(),
+        retry_after_ms,
+        ..Default::default()
+    })))
+}
+
+fn close_label(code: Option<ErrorCode>) -> &'static str {
+    match code {
+        None => "peer_or_replaced",
+        Some(ErrorCode::HeartbeatTimeout) => "heartbeat_timeout",
+        Some(ErrorCode::LoginTimeout) => "login_timeout",
+        Some(ErrorCode::SlowConsumer) => "slow_consumer",
+        Some(ErrorCode::AuthFailed | ErrorCode::TokenExpired) => "auth_failed",
+        Some(ErrorCode::Draining) => "draining",
+        Some(c) if (c as i32) >= 100 && (c as i32) < 200 => "protocol_error",
+        Some(_) => "other",
+    }
+}
+
+impl Worker {
+    pub(crate) fn new(
+        id: u16,
+        node: Arc<Node>,
+        poll: Poll,
+        mut listeners: Vec<Listener>,
+        rx: Receiver<Cmd>,
+    ) -> io::Result<Worker> {
+        for (i, l) in listeners.iter_mut().enumerate() {
+            poll.registry()
+                .register(&mut l.sock, Token(LISTENER_BASE + i), Interest::READABLE)?;
+        }
+        let now = node.clock.now();
+        Ok(Worker {
+            id,
+            wheel: TimerWheel::new(node.config.timer_wheel_slots, now),
+            decoder: Decoder::new(node.limits),
+            conn_config: node.config.conn(),
+            node,
+            poll,
+            listeners,
+            rx,
+            conns: Slab::new(),
+            next_gen: 0,
+            expiring: VecDeque::new(),
+            rbuf: BytesMut::new(),
+            scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
+            actions: Vec::new(),
+            dirty: Vec::new(),
+            accept_paused_until: None,
+            accept_backoff: Duration::from_millis(10),
+            drain: None,
+            stop: false,
+            last_accept_error_log: None,
+        })
+    }
+
+    fn me(&self, slot: usize, gen: u32) -> ConnRef {
+        ConnRef {
+            worker: self.id,
+            slot: slot as u32,
+            gen,
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_PER_POLL);
+        while !self.stop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(worker = self.id, "epoll failed: {e}");
+                    break;
+                }
+            }
+            let now = self.node.clock.now();
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => {}
+                    Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE, now),
+                    Token(slot) => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.on_readable(slot, now);
+                        }
+                        if ev.is_writable() {
+                            self.mark_dirty(slot, 0);
+                        }
+                    }
+                }
+            }
+            self.commands(now);
+            self.timers(now);
+            if self
+                .accept_paused_until
+                .is_some_and(|t| Instant::now() >= t)
+            {
+                self.resume_accepting(now);
+            }
+            self.drain_step();
+            self.flush_dirty();
+        }
+        self.shutdown();
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        let mut t: Option<Duration> = None;
+        let mut min = |d: Duration| t = Some(t.map_or(d, |t| t.min(d)));
+        if let Some(at) = self.accept_paused_until {
+            min(at.saturating_duration_since(Instant::now()));
+        }
+        if self.drain.is_some() {
+            min(Duration::from_millis(20));
+        }
+        if !self.dirty.is_empty() {
+            min(Duration::ZERO);
+        }
+        if !self.node.clock.is_manual() {
+            let due = [
+                self.wheel.next_due(),
+                self.expiring.front().map(|(t, _, _)| *t),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            if let Some(due) = due {
+                let due_ms = due as u64 * 1000;
+                let ms = due_ms.saturating_sub(self.node.clock.elapsed_ms());
+                min(Duration::from_millis(ms.min(60_000)));
+            }
+        }
+        t
+    }
+
+    // ---- accepting ----
+
+    fn accept(&mut self, i: usize, now: Tick) {
+        if self.accept_paused_until.is_some() || self.drain.is_some() {
+            return;
+        }
+        loop {
+            let Some(l) = self.listeners.get(i) else {
+                return;
+            };
+            match l.sock.accept() {
+                Ok((stream, _peer)) => {
+                    self.accept_backoff = Duration::from_millis(10);
+                    let tls = l.tls.clone();
+                    self.admit(stream, tls, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let label = errno_label(&e);
+                    Metrics::inc(&self.node.metrics.accept_errors, "errno", label);
+                    let log = self
+                        .last_accept_error_log
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                    if log {
+                        self.last_accept_error_log = Some(Instant::now());
+                        tracing::warn!(worker = self.id, "accept failed: {e} ({label})");
+                    }
+                    if is_resource_error(&e) {
+                        // Out of descriptors or memory: pause, retry after the backoff or as
+                        // soon as one of our connections closes.
+                        self.accept_paused_until = Some(Instant::now() + self.accept_backoff);
+                        let max =
+                            Duration::from_millis(self.node.config.accept_backoff_max_ms as u64);
+                        self.accept_backoff = (self.accept_backoff * 2).min(max);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn resume_accepting(&mut self, now: Tick) {
+        self.accept_paused_until = None;
+        for i in 0..self.listeners.len() {
+            self.accept(i, now);
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, now: Tick) {
+        let node = &self.node;
+        let max = node.config.max_connections;
+        let admitted = node
+            .connections
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                (c < max).then_some(c + 1)
+            })
+            .is_ok();
+        if !admitted {
+            node.metrics.refused_busy.inc();
+            if tls.is_none() {
+                // A fresh socket's send buffer is empty: this small write does not block.
+                let f = error_frame(
+                    ErrorCode::ServerBusy,
+                    "connection limit reached",
+                    node.config.busy_retry_after_ms,
+                );
+                if let Ok(b) = f.to_bytes(&node.limits) {
+                    let _ = stream.write(&b);
+                }
+            }
+            return;
+        }
+        node.metrics.accepted.inc();
+        node.metrics.connections.inc();
+        let sock = socket2::SockRef::from(&stream);
+        let _ = sock.set_tcp_nodelay(true);
+        if node.config.tcp_keepalive_secs > 0 {
+            let secs = Duration::from_secs(node.config.tcp_keepalive_secs as u64);
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(secs)
+                .with_interval(Duration::from_secs(30))
+                .with_retries(4);
+            let _ = sock.set_tcp_keepalive(&ka);
+        }
+        if node.config.tcp_user_timeout_ms > 0 {
+            let t = Duration::from_millis(node.config.tcp_user_timeout_ms as u64);
+            let _ = sock.set_tcp_user_timeout(Some(t));
+        }
+        let tls = match tls.map(rustls::ServerConnection::new) {
+            None => None,
+            Some(Ok(c)) => Some(Box::new(c)),
+            Some(Err(e)) => {
+                tracing::warn!("TLS session setup failed: {e}");
+                node.metrics.tls_handshake_failures.inc();
+                node.connections.fetch_sub(1, Ordering::SeqCst);
+                node.metrics.connections.dec();
+                return;
+            }
+        };
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let gen = self.next_gen;
+        let entry = self.conns.vacant_entry();
+        let slot = entry.key();
+        if slot >= LISTENER_BASE {
+            node.connections.fetch_sub(1, Ordering::SeqCst);
+            node.metrics.connections.dec();
+            return;
+        }
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(slot),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!("epoll register failed: {e}");
+            node.connections.fetch_sub(1, Ordering::SeqCst);
+            node.metrics.connections.dec();
+            return;
+        }
+        let conn = Conn::new(now);
+        let mut deadline = conn.deadline(&self.conn_config).unwrap_or(now);
+        if tls.is_some() {
+            deadline = deadline.min(now.saturating_add(node.config.tls_handshake_timeout_secs));
+        }
+        entry.insert(Entry {
+            stream,
+            conn,
+            gen,
+            flags: 0,
+            session: None,
+            partial: None,
+            out: None,
+            tls,
+        });
+        self.wheel.insert(slot as u32, deadline);
+        // Data may already be waiting (edge-triggered: no event for what arrived before).
+        self.on_readable(slot, now);
+    }
+
+    // ---- reading ----
+
+    fn on_readable(&mut self, slot: usize, now: Tick) {
+        let Some(e) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if e.conn.is_closed() {
+            return;
+        }
+        let mut buf = match e.partial.take() {
+            Some(b) => *b,
+            None => std::mem::take(&mut self.rbuf),
+        };
+        let mut eof = false;
+        let mut failed: Option<tether_codec::Error> = None;
+        let mut frames = 0u64;
+        let mut bytes = 0u64;
+        let mut tls_failed = false;
+        'read: while let Some(e) = self.conns.get_mut(slot) {
+            let n = match &mut e.tls {
+                None => match e.stream.read(&mut self.scratch) {
+                    Ok(0) => {
+                        eof = true;
+                        0
+                    }
+                    Ok(n) => {
+                        buf.extend_from_slice(&self.scratch[..n]);
+                        n
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        eof = true;
+                        0
+                    }
+                },
+                Some(tls) => match tls.read_tls(&mut e.stream) {
+                    Ok(0) => {
+                        eof = true;
+                        0
+                    }
+                    Ok(_) => {
+                        if let Err(err) = tls.process_new_packets() {
+                            tracing::debug!("TLS error: {err}");
+                            tls_failed = true;
+                            let _ = tls.write_tls(&mut e.stream);
+                            break 'read;
+                        }
+                        let mut got = 0;
+                        loop {
+                            match tls.reader().read(&mut self.scratch) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    buf.extend_from_slice(&self.scratch[..n]);
+                                    got += n;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if tls.wants_write() {
+                            e.flags |= DIRTY;
+                            if !self.dirty.contains(&slot) {
+                                self.dirty.push(slot);
+                            }
+                        }
+                        got
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        eof = true;
+                        0
+                    }
+                },
+            };
+            bytes += n as u64;
+            // Take every complete frame off the buffer.
+            loop {
+                match self.decoder.decode(&mut buf) {
+                    Ok(Some(frame)) => {
+                        frames += 1;
+                        let Some(e) = self.conns.get_mut(slot) else {
+                            break 'read;
+                        };
+                        e.conn.handle_frame(now, frame, &mut self.actions);
+                        self.run_actions(slot, now);
+                        if !self.conns.contains(slot) {
+                            break 'read;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        failed = Some(err);
+                        break 'read;
+                    }
+                }
+            }
+            if eof {
+                break;
+            }
+        }
+        let m = &self.node.metrics;
+        m.frames_in.inc_by(frames);
+        m.bytes_in.inc_by(bytes);
+        if let Some(err) = failed {
+            Metrics::inc(&m.decode_errors, "error", err.name());
+            if let Some(e) = self.conns.get_mut(slot) {
+                e.conn.handle_decode_error(&err, &mut self.actions);
+                self.run_actions(slot, now);
+            }
+        } else if tls_failed {
+            m.tls_handshake_failures.inc();
+            self.close(slot, None, "tls_error");
+        } else if eof {
+            self.close(slot, None, "peer_closed");
+        } else if let Some(e) = self.conns.get_mut(slot) {
+            if !buf.is_empty() {
+                e.partial = Some(Box::new(BytesMut::from(&buf[..])));
+            }
+        }
+        buf.clear();
+        if buf.capacity() < READ_CHUNK {
+            buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        self.rbuf = buf;
+    }
+
+    /// Carries out what a [`Conn`] asked for.
+    fn run_actions(&mut self, slot: usize, now: Tick) {
+        let mut actions = std::mem::take(&mut self.actions);
+        for a in actions.drain(..) {
+            let Some(e) = self.conns.get_mut(slot) else {
+                break;
+            };
+            let session = e.session.clone();
+            match a {
+                Action::Send(f) => self.queue(slot, &f),
+                Action::Close(code) => {
+                    self.close(slot, Some(code), close_label(Some(code)));
+                }
+                Action::Login { login, .. } => self.login(slot, &login, now),
+                Action::Uplink {
+                    msg_id,
+                    body_type,
+                    gzip,
+                    body,
+                } => {
+                    if let Some(s) = session {
+                        let up = Uplink {
+                            msg_id,
+                            body_type,
+                            gzip,
+                            body,
+                        };
+                        if let Some(ack) = self.node.uplink(&s, up) {
+                            self.queue(slot, &ack);
+                        }
+                    }
+                }
+                Action::DownlinkAck(seq) => {
+                    if let Some(s) = session {
+                        self.node.downlink_ack(&s, seq);
+                    }
+                }
+                Action::RoomJoin {
+                    request_id,
+                    room_id,
+                    body,
+                } => {
+                    if let Some(s) = session {
+                        self.node.room_request(&s, true, request_id, room_id, body);
+                    }
+                }
+                Action::RoomLeave {
+                    request_id,
+                    room_id,
+                } => {
+                    if let Some(s) = session {
+                        self.node
+                            .room_request(&s, false, request_id, room_id, Default::default());
+                    }
+                }
+            }
+        }
+        self.actions = actions;
+    }
+
+    fn login(&mut self, slot: usize, login: &pb::Login, now: Tick) {
+        let node = self.node.clone();
+        let fail =
+            |w: &mut Worker, code: ErrorCode, message: &str, reason: &'static str, retry: u32| {
+                Metrics::inc(&node.metrics.logins, "result", reason);
+                let f = Frame::new(Header::LoginResult(Box::new(pb::LoginResult {
+                    code: code as i32,
+                    message: message.into(),
+                    server_id: node.config.server_id.clone(),
+                    server_time_ms: node.clock.unix_ms(),
+                    retry_after_ms: retry,
+                    ..Default::default()
+                })));
+                w.queue(slot, &f);
+                w.close(slot, None, close_label(Some(code)));
+            };
+        if node.is_draining() {
+            let retry = node.config.drain_reconnect_delay_ms;
+            return fail(
+                self,
+                ErrorCode::Draining,
+                "this gateway is draining",
+                "draining",
+                retry,
+            );
+        }
+        let id = match node.authenticate(login) {
+            Ok(id) => id,
+            Err(e) => return fail(self, e.code, &e.message, e.reason, 0),
+        };
+        let Some(gen) = self.conns.get(slot).map(|e| e.gen) else {
+            return;
+        };
+        let me = self.me(slot, gen);
+        let bound = node.bind(id, login, me);
+        Metrics::inc(&node.metrics.logins, "result", "ok");
+        let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
+        let interval = node.heartbeat_ms(platform);
+        let (gap_from, gap_to) = bound.gap.unwrap_or((0, 0));
+        let result = Frame::new(Header::LoginResult(Box::new(pb::LoginResult {
+            code: ErrorCode::Ok as i32,
+            session_id: bytes::Bytes::copy_from_slice(&bound.session.id),
+            heartbeat_interval_ms: interval,
+            server_id: node.config.server_id.clone(),
+            server_time_ms: node.clock.unix_ms(),
+            resumed: bound.resumed,
+            gap_from,
+            gap_to,
+            ..Default::default()
+        })));
+        let Some(e) = self.conns.get_mut(slot) else {
+            return;
+        };
+        e.conn.login_accepted(now, interval);
+        e.session = Some(bound.session);
+        if let Some(d) = e.conn.deadline(&self.conn_config) {
+            self.wheel.insert(slot as u32, d);
+        }
+        self.queue(slot, &result);
+        // The replay (or the offline messages the upstream pushed on login) goes right
+        // after LOGIN_RESULT.
+        self.mark_dirty(slot, FILL);
+    }
+
+    // ---- writing ----
+
+    fn mark_dirty(&mut self, slot: usize, extra: u8) {
+        if let Some(e) = self.conns.get_mut(slot) {
+            e.flags |= extra;
+            if e.flags & DIRTY == 0 {
+                e.flags |= DIRTY;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    /// Appends a frame to a connection's outbound bytes (written at the end of the turn).
+    fn queue(&mut self, slot: usize, f: &Frame) {
+        let limits = self.node.limits;
+        if let Some(e) = self.conns.get_mut(slot) {
+            let out = e.out.get_or_insert_with(Default::default);
+            if let Err(err) = f.encode(out, &limits) {
+                tracing::error!("cannot encode a {} frame: {err}", f.kind());
+                return;
+            }
+            self.node.metrics.frames_out.inc();
+        }
+        self.mark_dirty(slot, 0);
+    }
+
+    /// Copies the session's new downlinks (seq above what this connection was sent) into the
+    /// outbound bytes.
+    fn fill(&mut self, slot: usize) {
+        let Some(e) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let Some(s) = e.session.clone() else {
+            return;
+        };
+        let me = ConnRef {
+            worker: self.id,
+            slot: slot as u32,
+            gen: e.gen,
+        };
+        let limits = self.node.limits;
+        let out = e.out.get_or_insert_with(Default::default);
+        let mut st = s.state.lock();
+        if st.link != Link::Attached(me) {
+            return;
+        }
+        st.flush_queued = false;
+        let mut frames = 0u64;
+        for (body_type, gzip, body) in st.transient.drain(..) {
+            let h = Header::Downlink(pb::Downlink { seq: 0, body_type });
+            if encode_head(&h, gzip, body.len(), out, &limits).is_ok() {
+                out.extend_from_slice(&body);
+                frames += 1;
+            }
+        }
+        let sent = st.sent;
+        let pending = st.downlink.after(sent);
+        let n = pending.len();
+        if n >= self.node.config.replay_batch_min.max(2) && s.accept_gzip {
+            // A long replay: BATCH frames of up to max_batch_frames, gzip-compressed.
+            let all: Vec<Frame> = pending
+                .map(|d| Frame {
+                    header: Header::Downlink(pb::Downlink {
+                        seq: d.seq,
+                        body_type: d.body_type,
+                    }),
+                    gzip: d.gzip,
+                    body: d.body.clone(),
+                })
+                .collect();
+            let compress = self.node.config.compress();
+            let per = (limits.max_batch_frames as usize).max(1);
+            let mut rest = &all[..];
+            while !rest.is_empty() {
+                let mut k = rest.len().min(per);
+                loop {
+                    match encode_batch(&rest[..k], &compress, &limits) {
+                        Ok(b) => {
+                            let _ = b.encode(out, &limits);
+                            frames += 1;
+                            break;
+                        }
+                        Err(_) if k > 1 => k /= 2,
+                        Err(_) => {
+                            let _ = rest[0].encode(out, &limits);
+                            frames += 1;
+                            break;
+                        }
+                    }
+                }
+                rest = &rest[k..];
+            }
+        } else {
+            for d in pending {
+                let h = Header::Downlink(pb::Downlink {
+                    seq: d.seq,
+                    body_type: d.body_type,
+                });
+                if encode_head(&h, d.gzip, d.body.len(), out, &limits).is_ok() {
+                    out.extend_from_slice(&d.body);
+                    frames += 1;
+                }
+            }
+        }
+        st.sent = st.downlink.last_seq();
+        drop(st);
+        self.node.metrics.frames_out.inc_by(frames);
+    }
+
+    fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            let Some(e) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            let fill = e.flags & FILL != 0;
+            e.flags &= !(DIRTY | FILL);
+            if fill {
+                self.fill(slot);
+            }
+            self.write(slot);
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    /// Writes what is queued; keeps the rest for the next writable event. Closes a connection
+    /// whose unwritten bytes pass `max_outbound_bytes` (a slow consumer).
+    fn write(&mut self, slot: usize) -> bool {
+        let max_out = self.node.config.max_outbound_bytes;
+        let Some(e) = self.conns.get_mut(slot) else {
+            return false;
+        };
+        let mut written = 0u64;
+        let mut broken = false;
+        if let Some(out) = e.out.as_mut() {
+            match &mut e.tls {
+                None => {
+                    while !out.is_empty() {
+                        match e.stream.write(out) {
+                            Ok(0) => {
+                                broken = true;
+                                break;
+                            }
+                            Ok(n) => {
+                                out.advance(n);
+                                written += n as u64;
+                            }
+                            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => {
+                                broken = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Some(tls) => {
+                    while !out.is_empty() {
+                        match tls.writer().write(out) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                out.advance(n);
+                                written += n as u64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(tls) = &mut e.tls {
+            while tls.wants_write() {
+                match tls.write_tls(&mut e.stream) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+        }
+        self.node.metrics.bytes_out.inc_by(written);
+        let pending = e.out.as_ref().map_or(0, |o| o.len())
+            + e.tls.as_ref().map_or(0, |t| t.wants_write() as usize);
+        if e.out.as_ref().is_some_and(|o| o.is_empty()) {
+            e.out = None;
+        }
+        if broken {
+            self.close(slot, None, "write_error");
+            return false;
+        }
+        if pending > max_out {
+            self.node.metrics.slow_consumers.inc();
+            self.close(slot, Some(ErrorCode::SlowConsumer), "slow_consumer");
+            return false;
+        }
+        true
+    }
+
+    /// Closes a connection: writes what can be written (the ERROR for `code` first, if any),
+    /// detaches its session (kept for resume), frees the slot.
+    fn close(&mut self, slot: usize, code: Option<ErrorCode>, label: &'static str) {
+        if let Some(code) = code {
+            let queued_error = self.conns.get(slot).is_some_and(|e| e.conn.is_closed());
+            // Conn::close already queued the ERROR; codes from elsewhere get one here.
+            if !queued_error {
+                if let Some(e) = self.conns.get_mut(slot) {
+                    let f = error_frame(code, label, 0);
+                    let out = e.out.get_or_insert_with(Default::default);
+                    let _ = f.encode(out, &self.node.limits);
+                }
+            }
+        }
+        let Some(mut e) = self.conns.try_remove(slot) else {
+            return;
+        };
+        // One last write attempt (the ERROR or KICK), bounded: never wait for a slow peer.
+        if let Some(out) = e.out.as_mut() {
+            match &mut e.tls {
+                None => {
+                    let _ = e.stream.write(out);
+                }
+                Some(tls) => {
+                    let _ = tls.writer().write(out);
+                    tls.send_close_notify();
+                    let _ = tls.write_tls(&mut e.stream);
+                }
+            }
+        }
+        let _ = e.stream.shutdown(std::net::Shutdown::Write);
+        // Read what the peer already sent, so that closing does not reset the connection
+        // (and lose the ERROR) over unread input.
+        let _ = e.stream.read(&mut self.scratch);
+        let _ = self.poll.registry().deregister(&mut e.stream);
+        let m = &self.node.metrics;
+        Metrics::inc(&m.closes, "reason", label);
+        match code {
+            Some(ErrorCode::HeartbeatTimeout) => {
+                m.heartbeat_timeouts.inc();
+            }
+            Some(ErrorCode::LoginTimeout) => {
+                m.login_timeouts.inc();
+            }
+            _ => {}
+        }
+        m.connections.dec();
+        self.node.connections.fetch_sub(1, Ordering::SeqCst);
+        if let Some(s) = e.session.take() {
+            let me = ConnRef {
+                worker: self.id,
+                slot: slot as u32,
+                gen: e.gen,
+            };
+            if let Some(epoch) = self.node.detach(&s, me) {
+                let at = self
+                    .node
+                    .clock
+                    .now()
+                    .saturating_add(self.node.config.resume_grace_secs);
+                self.expiring.push_back((at, s, epoch));
+            }
+        }
+        if self.accept_paused_until.is_some() {
+            // A descriptor is free again.
+            self.accept_paused_until = Some(Instant::now());
+        }
+    }
+
+    // ---- commands and timers ----
+
+    fn lookup(&self, c: ConnRef) -> Option<usize> {
+        let slot = c.slot as usize;
+        self.conns
+            .get(slot)
+            .filter(|e| e.gen == c.gen)
+            .map(|_| slot)
+    }
+
+    fn commands(&mut self, now: Tick) {
+        self.node.clear_woken(self.id);
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Cmd::Flush(c) => {
+                    if let Some(slot) = self.lookup(c) {
+                        self.mark_dirty(slot, FILL);
+                    }
+                }
+                Cmd::Send(c, f) => {
+                    if let Some(slot) = self.lookup(c) {
+                        self.queue(slot, &f);
+                    }
+                }
+                Cmd::Kick(c, reason, message) => {
+                    if let Some(slot) = self.lookup(c) {
+                        let label = match reason {
+                            KickReason::LoggedInElsewhere => "logged_in_elsewhere",
+                            KickReason::SessionLimit => "session_limit",
+                            KickReason::Admin => "admin",
+                            _ => "other",
+                        };
+                        Metrics::inc(&self.node.metrics.kicks, "reason", label);
+                        let f = Frame::new(Header::Kick(Box::new(pb::Kick {
+                            reason: reason as i32,
+                            message,
+                        })));
+                        self.queue(slot, &f);
+                        self.close(slot, None, "kicked");
+                    }
+                }
+                Cmd::Close(c, code) => {
+                    if let Some(slot) = self.lookup(c) {
+                        if code == Some(ErrorCode::SlowConsumer) {
+                            self.node.metrics.slow_consumers.inc();
+                        }
+                        let label = if code.is_none() {
+                            "replaced"
+                        } else {
+                            close_label(code)
+                        };
+                        self.close(slot, code, label);
+                    }
+                }
+                Cmd::Drain => self.start_drain(),
+                Cmd::Stop => self.stop = true,
+                Cmd::Tick => {}
+            }
+        }
+        let _ = now;
+    }
+
+    fn timers(&mut self, now: Tick) {
+        let mut due = Vec::new();
+        self.wheel.advance(now, |_, id| due.push(id));
+        for id in due {
+            let slot = id as usize;
+            let Some(e) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if e.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+                // The handshake has its own deadline.
+                let limit = self.node.config.tls_handshake_timeout_secs;
+                if now >= e.conn.opened().saturating_add(limit) {
+                    self.node.metrics.tls_handshake_failures.inc();
+                    self.close(slot, None, "tls_handshake_timeout");
+                    continue;
+                }
+            }
+            match e
+                .conn
+                .handle_timeout(now, &self.conn_config, &mut self.actions)
+            {
+                Some(d) => self.wheel.insert(id, d),
+                None => self.run_actions(slot, now),
+            }
+        }
+        while self.expiring.front().is_some_and(|(t, _, _)| *t <= now) {
+            if let Some((_, s, epoch)) = self.expiring.pop_front() {
+                self.node.expire(&s, epoch);
+            }
+        }
+    }
+
+    // ---- drain ----
+
+    fn start_drain(&mut self) {
+        if self.drain.is_some() {
+            return;
+        }
+        for l in &mut self.listeners {
+            let _ = self.poll.registry().deregister(&mut l.sock);
+        }
+        self.listeners.clear();
+        let order = self.conns.iter().map(|(k, e)| (k, e.gen)).collect();
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        self.drain = Some(Drain {
+            start: Instant::now(),
+            order,
+            next: 0,
+            rng: u64::from_le_bytes(seed) | 1,
+        });
+    }
+
+    fn drain_step(&mut self) {
+        let Some(d) = &mut self.drain else {
+            return;
+        };
+        let window = Duration::from_millis(self.node.config.drain_window_ms as u64);
+        let linger = Duration::from_millis(self.node.config.drain_linger_ms as u64);
+        let elapsed = d.start.elapsed();
+        let n = d.order.len();
+        let upto = if window.is_zero() || elapsed >= window {
+            n
+        } else {
+            ((n as u128 * elapsed.as_millis()) / window.as_millis()) as usize
+        };
+        let base = self.node.config.drain_reconnect_delay_ms;
+        let mut goaways = Vec::new();
+        while d.next < upto.min(n) {
+            let (slot, gen) = d.order[d.next];
+            d.next += 1;
+            // xorshift: each client its own share of the delay, so they come back spread out.
+            d.rng ^= d.rng << 13;
+            d.rng ^= d.rng >> 7;
+            d.rng ^= d.rng << 17;
+            let jitter = if base == 0 {
+                0
+            } else {
+                (d.rng % base as u64) as u32
+            };
+            goaways.push((slot, gen, base.saturating_add(jitter)));
+        }
+        let all_sent = d.next >= n;
+        let done = elapsed >= window + linger;
+        for (slot, gen, delay) in goaways {
+            if self.conns.get(slot).is_some_and(|e| e.gen == gen) {
+                let f = Frame::new(Header::GoAway(Box::new(pb::GoAway {
+                    reconnect_delay_ms: delay,
+                    reason: "draining".into(),
+                    alternatives: Vec::new(),
+                })));
+                self.queue(slot, &f);
+                if let Some(e) = self.conns.get_mut(slot) {
+                    e.flags |= GOAWAY_SENT;
+                }
+            }
+        }
+        // Done after the linger, or as soon as every client has gone.
+        if done || (all_sent && self.conns.is_empty()) {
+            self.stop = true;
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.flush_dirty();
+        let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for slot in slots {
+            self.close(slot, None, "shutdown");
+        }
+        let stopped = self.node.stopped_workers.fetch_add(1, Ordering::SeqCst) + 1;
+        if stopped as usize == self.node.worker_count() {
+            self.node.end_all();
+        }
+    }
+}
