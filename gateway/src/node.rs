@@ -14,6 +14,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
+use thin_vec::ThinVec;
 use tether_codec::{Frame, Header, Limits};
 use tether_protocol::pb::{self, ErrorCode, KickReason, Platform};
 
@@ -86,8 +88,9 @@ pub(crate) struct State {
     pub flush_queued: bool,
     pub epoch: u32,
     /// Transient (seq 0) downlinks waiting for the next flush.
-    pub transient: Vec<(u32, bool, Bytes)>,
-    pub rooms: Vec<Arc<str>>,
+    /// (ThinVec: 8 bytes and no allocation while empty, which is nearly always.)
+    pub transient: ThinVec<(u32, bool, Bytes)>,
+    pub rooms: ThinVec<Arc<str>>,
 }
 
 /// One session: a (user, device) logged in, attached to a connection or waiting for one.
@@ -120,7 +123,7 @@ impl Session {
     }
 
     pub fn rooms(&self) -> Vec<Arc<str>> {
-        self.state.lock().rooms.clone()
+        self.state.lock().rooms.to_vec()
     }
 
     /// (unacked downlinks, their body bytes, last seq pushed).
@@ -200,7 +203,8 @@ pub struct Node {
     upstream: Arc<dyn Upstream>,
     workers: OnceLock<Vec<WorkerLink>>,
     sessions: Shards<SessionId, Arc<Session>>,
-    users: Shards<Arc<str>, Vec<Arc<Session>>>,
+    /// A user's sessions inline (no allocation for the usual one or two).
+    users: Shards<Arc<str>, SmallVec<[Arc<Session>; 2]>>,
     rooms: Shards<Arc<str>, HashMap<SessionId, Arc<Session>>>,
     pub(crate) connections: AtomicUsize,
     session_count: AtomicUsize,
@@ -350,7 +354,7 @@ impl Node {
             .shard(user)
             .lock()
             .get(user)
-            .cloned()
+            .map(|l| l.to_vec())
             .unwrap_or_default()
     }
 
@@ -416,8 +420,8 @@ impl Node {
                 sent: 0,
                 flush_queued: false,
                 epoch: 0,
-                transient: Vec::new(),
-                rooms: Vec::new(),
+                transient: ThinVec::new(),
+                rooms: ThinVec::new(),
             }),
         });
         let mut victims = Vec::new();

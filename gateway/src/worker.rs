@@ -1086,3 +1086,16 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// An idle connection's memory is mostly these two records (BENCHMARKS.md, W1): keep
+    /// them from growing unnoticed.
+    #[test]
+    fn idle_records_stay_small() {
+        assert!(std::mem::size_of::<super::Entry>() <= 72);
+        // With its Arc header, 240 bytes: one mimalloc size class.
+        assert!(std::mem::size_of::<crate::node::Session>() <= 224);
+        assert_eq!(std::mem::size_of::<crate::conn::Conn>(), 16);
+    }
+}
