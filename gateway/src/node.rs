@@ -15,9 +15,9 @@ use bytes::Bytes;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
-use thin_vec::ThinVec;
 use tether_codec::{Frame, Header, Limits};
 use tether_protocol::pb::{self, ErrorCode, KickReason, Platform};
+use thin_vec::ThinVec;
 
 use crate::auth::{Authenticator, Identity};
 use crate::clock::Clock;
