@@ -181,10 +181,11 @@ impl Config {
 
     /// Checks what a bad value would only reveal later.
     pub fn validate(&self) -> Result<(), String> {
-        if self.listen.is_empty() && self.tls_listen.is_empty() {
+        let given = |v: &Vec<String>| v.iter().any(|a| !a.is_empty());
+        if !given(&self.listen) && !given(&self.tls_listen) {
             return Err("no listen address (--listen or --tls-listen)".into());
         }
-        if !self.tls_listen.is_empty() && (self.tls_cert.is_empty() || self.tls_key.is_empty()) {
+        if given(&self.tls_listen) && (self.tls_cert.is_empty() || self.tls_key.is_empty()) {
             return Err("--tls-listen needs --tls-cert and --tls-key".into());
         }
         if self.auth_secret.is_empty() && !self.dev_auth {

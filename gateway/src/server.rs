@@ -111,7 +111,7 @@ impl Gateway {
             n => n,
         }
         .min(1024);
-        let tls = if config.tls_listen.is_empty() {
+        let tls = if config.tls_listen.iter().all(|a| a.is_empty()) {
             None
         } else {
             Some(tls_config(&config.tls_cert, &config.tls_key)?)
@@ -125,7 +125,8 @@ impl Gateway {
             .listen
             .iter()
             .map(|a| (a, None))
-            .chain(config.tls_listen.iter().map(|a| (a, tls.clone())));
+            .chain(config.tls_listen.iter().map(|a| (a, tls.clone())))
+            .filter(|(a, _)| !a.is_empty());
         for (addr, tls) in all {
             let mut addr = resolve(addr)?;
             for (w, listeners) in per_worker.iter_mut().enumerate() {

@@ -31,11 +31,14 @@ use prost::Message as _;
 use tether_codec::{Frame, Header, TetherCodec};
 use tether_protocol::chat::{chat_message, ChatMessage, Text};
 use tether_protocol::pb::{self, ErrorCode};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 
-type Conn = Framed<TcpStream, TetherCodec>;
+/// A plain or TLS connection.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+type Conn = Framed<Box<dyn Io>, TetherCodec>;
 type Hist = Arc<std::sync::Mutex<Histogram<u64>>>;
 
 #[derive(Debug, Parser)]
@@ -59,6 +62,12 @@ struct Cli {
     /// Prefix of the user ids (to run several load generators against one gateway).
     #[arg(long, default_value = "lt")]
     prefix: String,
+    /// Speak TLS, trusting this PEM certificate (the gateway's self-signed one, or its CA).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name to check the gateway's TLS certificate against.
+    #[arg(long, default_value = "localhost")]
+    tls_server_name: String,
     /// Upper bound on any phase, seconds.
     #[arg(long, default_value_t = 120)]
     phase_timeout: u64,
@@ -137,6 +146,68 @@ struct Snap {
     anon_kb: u64,
     cpu: u64,
     own_cpu: u64,
+    /// Voluntary context switches of all the gateway's threads: how often a thread went to
+    /// sleep and had to be woken.
+    wakeups: u64,
+}
+
+/// Counts the gateway's system calls while it lives: `perf stat -e raw_syscalls:sys_enter`
+/// attached to the pid (perf must be installed; without it the count is absent).
+struct SyscallCounter {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl SyscallCounter {
+    fn start(pid: Option<u32>) -> Option<SyscallCounter> {
+        let pid = pid?;
+        let out = std::env::temp_dir().join(format!("tether-loadtest-perf-{}", std::process::id()));
+        let child = std::process::Command::new("perf")
+            .args([
+                "stat",
+                "-x,",
+                "-e",
+                "raw_syscalls:sys_enter",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&out)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        // perf needs a moment to attach.
+        std::thread::sleep(Duration::from_millis(300));
+        Some(SyscallCounter { child, out })
+    }
+
+    fn stop(mut self) -> Option<u64> {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let text = read(&self.out.to_string_lossy());
+        let _ = std::fs::remove_file(&self.out);
+        text.lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next()?.trim().parse().ok())
+    }
+}
+
+fn voluntary_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            read(&t.path().join("status").to_string_lossy())
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 fn snap(pid: Option<u32>) -> Snap {
@@ -147,6 +218,7 @@ fn snap(pid: Option<u32>) -> Snap {
             anon_kb: status_kb(p, "RssAnon"),
             cpu: cpu_ticks(p),
             own_cpu: cpu_ticks(own),
+            wakeups: voluntary_switches(p),
         },
         None => Snap {
             own_cpu: cpu_ticks(own),
@@ -158,6 +230,10 @@ fn snap(pid: Option<u32>) -> Snap {
 // ---- connections ----
 
 struct Ctx {
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
     addr: SocketAddr,
     secret: String,
     sources: Vec<IpAddr>,
@@ -186,7 +262,11 @@ impl Ctx {
         sock.bind(SocketAddr::new(src, 0))?;
         let s = sock.connect(self.addr).await?;
         s.set_nodelay(true)?;
-        Ok(Framed::new(s, TetherCodec::default()))
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(s),
+            Some((connector, name)) => Box::new(connector.connect(name.clone(), s).await?),
+        };
+        Ok(Framed::new(io, TetherCodec::default()))
     }
 
     /// Connects and logs in as user `{prefix}{i}`.
@@ -518,6 +598,7 @@ async fn fanout(cli: &Cli, ctx: Arc<Ctx>, members: usize, messages: usize, size:
     })));
     let _ = s.send(join).await;
     let _ = s.next().await;
+    let perf = SyscallCounter::start(cli.pid);
     let a = snap(cli.pid);
     let first = base.elapsed().as_nanos() as u64;
     let (mut tx, mut rx) = s.split();
@@ -560,12 +641,17 @@ async fn fanout(cli: &Cli, ctx: Arc<Ctx>, members: usize, messages: usize, size:
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let b = snap(cli.pid);
+    let syscalls = perf.and_then(SyscallCounter::stop).unwrap_or(0);
     let got = received.load(Ordering::Relaxed);
     let secs = (last_ns.load(Ordering::Relaxed).saturating_sub(first)) as f64 / 1e9;
     println!(
-        "W3 server=tether members={members} ok={ok} fail={failed} messages={messages} size={size} acked={acked} expected={expected} received={got} deliveries_per_s={:.0} srv_cpu_per_delivery_us={:.2} {} {}",
+        "W3 server=tether members={members} ok={ok} fail={failed} messages={messages} size={size} acked={acked} expected={expected} received={got} deliveries_per_s={:.0} srv_cpu_per_delivery_us={:.2} srv_syscalls={} srv_syscalls_per_delivery={:.4} srv_wakeups={} srv_wakeups_per_delivery={:.4} {} {}",
         got as f64 / secs.max(1e-9),
         (b.cpu - a.cpu) as f64 * 10_000.0 / got.max(1) as f64,
+        syscalls,
+        syscalls as f64 / got.max(1) as f64,
+        b.wakeups - a.wakeups,
+        (b.wakeups - a.wakeups) as f64 / got.max(1) as f64,
         pcts("lat", &lat),
         cpu_report(a, b, secs)
     );
@@ -697,7 +783,26 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    let tls = cli.tls_ca.as_ref().map(|path| {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(path).expect("a PEM file") {
+            roots
+                .add(cert.expect("a PEM certificate"))
+                .expect("a usable certificate");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from(cli.tls_server_name.clone())
+            .expect("a server name");
+        (tokio_rustls::TlsConnector::from(Arc::new(config)), name)
+    });
     let ctx = Arc::new(Ctx {
+        tls,
         addr: cli.addr,
         secret: cli.secret.clone(),
         sources: if cli.sources.is_empty() {
