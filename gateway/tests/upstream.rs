@@ -1,0 +1,199 @@
+//! A custom upstream behind the gateway: retriable failures, dropped replies, what the
+//! gateway tells the back end; and the multi-device policies.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::*;
+use tether_codec::Header;
+use tether_gateway::clock::Clock;
+use tether_gateway::config::MultiDevice;
+use tether_gateway::upstream::{EndReason, Hub, Outcome, Reply, SessionRef, Uplink, Upstream};
+use tether_gateway::{Gateway, Options};
+use tether_protocol::pb::{self, ErrorCode};
+
+/// Answers the first uplink of each msg_id with UPSTREAM_UNAVAILABLE, then OK; drops the
+/// reply of msg_id 99 unanswered; records what it is told.
+#[derive(Default)]
+struct Flaky {
+    forwarded: AtomicUsize,
+    seen: Mutex<Vec<u64>>,
+    events: Mutex<Vec<String>>,
+}
+
+impl Upstream for Flaky {
+    fn session_opened(&self, _: &Hub, s: &SessionRef, resumed: bool) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("opened {} {resumed}", s.user));
+    }
+    fn session_ended(&self, _: &Hub, s: &SessionRef, reason: EndReason) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("ended {} {}", s.user, reason.label()));
+    }
+    fn uplink(&self, _: &Hub, _: &SessionRef, u: Uplink, reply: Reply) {
+        self.forwarded.fetch_add(1, Ordering::SeqCst);
+        if u.msg_id == 99 {
+            return drop(reply);
+        }
+        let mut seen = self.seen.lock().unwrap();
+        if seen.contains(&u.msg_id) {
+            reply.ok()
+        } else {
+            seen.push(u.msg_id);
+            reply.send(Outcome {
+                code: ErrorCode::UpstreamUnavailable,
+                retry_after_ms: 250,
+                message: "try later".into(),
+            })
+        }
+    }
+    fn room_join(&self, _: &Hub, _: &SessionRef, _: &str, _: Bytes, reply: Reply) {
+        reply.send(Outcome::err(ErrorCode::RoomForbidden, "no"))
+    }
+    fn room_leave(&self, _: &Hub, _: &SessionRef, _: &str, reply: Reply) {
+        reply.ok()
+    }
+    fn delivered(&self, _: &Hub, _: &SessionRef, _: &[u64]) {}
+}
+
+fn start_with(up: Arc<Flaky>) -> Gateway {
+    Gateway::start(
+        config(),
+        Options {
+            clock: Some(Clock::manual()),
+            upstream: Some(up),
+            ..Options::default()
+        },
+    )
+    .unwrap()
+}
+
+fn ack(c: &mut Raw) -> pb::UplinkAck {
+    match c.recv().header {
+        Header::UplinkAck(a) => a,
+        h => panic!("expected UPLINK_ACK, got {h:?}"),
+    }
+}
+
+#[test]
+fn a_retriable_failure_lets_the_resend_through_and_a_dropped_reply_answers_internal() {
+    let up = Arc::new(Flaky::default());
+    let g = start_with(up.clone());
+    let mut c = Raw::connect(g.addrs()[0]);
+    c.login("alice", "phone", None);
+    c.uplink(5, Bytes::from_static(b"x"));
+    let a = ack(&mut c);
+    assert_eq!(
+        (a.msg_id, a.code, a.retry_after_ms),
+        (5, ErrorCode::UpstreamUnavailable as i32, 250)
+    );
+    // The resend is forwarded again (a failure the client may retry is not remembered)...
+    c.uplink(5, Bytes::from_static(b"x"));
+    assert_eq!(ack(&mut c).code, ErrorCode::Ok as i32);
+    // ...but once accepted, a resend is not.
+    c.uplink(5, Bytes::from_static(b"x"));
+    assert_eq!(ack(&mut c).code, ErrorCode::Ok as i32);
+    assert_eq!(up.forwarded.load(Ordering::SeqCst), 2);
+    c.uplink(99, Bytes::from_static(b"x"));
+    let a = ack(&mut c);
+    assert_eq!((a.msg_id, a.code), (99, ErrorCode::Internal as i32));
+    // The upstream's room decision is what the client hears.
+    c.send(&tether_codec::Frame::new(Header::RoomJoin(Box::new(
+        pb::RoomJoin {
+            request_id: 3,
+            room_id: "vip".into(),
+        },
+    ))));
+    let Header::RoomResult(r) = c.recv().header else {
+        panic!()
+    };
+    assert_eq!((r.request_id, r.code), (3, ErrorCode::RoomForbidden as i32));
+    assert_eq!(g.node().room_size("vip"), 0);
+}
+
+#[test]
+fn the_upstream_hears_of_sessions_opening_resuming_and_ending() {
+    let up = Arc::new(Flaky::default());
+    let g = start_with(up.clone());
+    let mut c = Raw::connect(g.addrs()[0]);
+    let r = c.login("alice", "phone", None);
+    drop(c);
+    eventually(|| g.node().connections() == 0);
+    let mut c = Raw::connect(g.addrs()[0]);
+    assert!(c.login("alice", "phone", Some((r.session_id, 0))).resumed);
+    drop(c);
+    eventually(|| g.node().connections() == 0);
+    g.advance_clock(121);
+    eventually(|| g.node().session_count() == 0);
+    assert_eq!(
+        *up.events.lock().unwrap(),
+        [
+            "opened alice false",
+            "opened alice true",
+            "ended alice expired"
+        ]
+    );
+}
+
+fn login_as(g: &Gateway, user: &str, device: &str, platform: pb::Platform) -> Raw {
+    let mut c = Raw::connect(g.addrs()[0]);
+    let mut f = login_frame(user, device, None);
+    if let Header::Login(l) = &mut f.header {
+        l.platform = platform as i32;
+    }
+    c.send(&f);
+    let Header::LoginResult(r) = c.recv().header else {
+        panic!()
+    };
+    assert_eq!(r.code, ErrorCode::Ok as i32);
+    c
+}
+
+fn kicked(c: &mut Raw) -> pb::KickReason {
+    match c.recv().header {
+        Header::Kick(k) => pb::KickReason::try_from(k.reason).unwrap(),
+        h => panic!("expected KICK, got {h:?}"),
+    }
+}
+
+#[test]
+fn per_platform_class_replaces_the_same_class_only() {
+    let g = start(|c| c.multi_device = MultiDevice::PerPlatformClass);
+    let mut phone = login_as(&g, "u", "phone", pb::Platform::Android);
+    let _web = login_as(&g, "u", "browser", pb::Platform::Web);
+    let _iphone = login_as(&g, "u", "iphone", pb::Platform::Ios);
+    assert_eq!(kicked(&mut phone), pb::KickReason::LoggedInElsewhere);
+    assert_eq!(g.node().user_sessions("u").len(), 2);
+}
+
+#[test]
+fn past_the_per_user_limit_the_oldest_session_goes() {
+    let g = start(|c| c.max_sessions_per_user = 2);
+    let mut a = login_as(&g, "u", "a", pb::Platform::Android);
+    let _b = login_as(&g, "u", "b", pb::Platform::Android);
+    let _c = login_as(&g, "u", "c", pb::Platform::Android);
+    assert_eq!(kicked(&mut a), pb::KickReason::SessionLimit);
+    let devices: Vec<String> = g
+        .node()
+        .user_sessions("u")
+        .iter()
+        .map(|s| s.device.to_string())
+        .collect();
+    assert_eq!(devices, ["b", "c"]);
+}
+
+#[test]
+fn single_session_per_user() {
+    let g = start(|c| c.multi_device = MultiDevice::Single);
+    let mut a = login_as(&g, "u", "a", pb::Platform::Android);
+    let _b = login_as(&g, "u", "b", pb::Platform::Web);
+    assert_eq!(kicked(&mut a), pb::KickReason::LoggedInElsewhere);
+    assert_eq!(g.node().user_sessions("u").len(), 1);
+}
