@@ -54,7 +54,8 @@ for w in $WORKLOADS; do
   case $w in
     w1) run w1 -- idle --n "$N" --hold "$HOLD" --heartbeat 5 ;;
     w2) run w2 -- connect --n "$N" ;;
-    w3) run w3 -- fanout --members 10000 --messages 1000 --size 128 ;;
+    # The publisher sends 1,000 uplinks at once: above the default per-session rate limit.
+    w3) run w3 --uplink-rate 0 -- fanout --members 10000 --messages 1000 --size 128 ;;
     w4) run w4 -- rtt --clients 1000 --rate 20000 --secs 30 ;;
     tls)
       dir=$(mktemp -d)

@@ -131,6 +131,12 @@ settings! {
     drain_reconnect_delay_ms: u32 = 5_000, "TETHER_DRAIN_RECONNECT_DELAY_MS";
     /// Drain: ms after the window before remaining connections are closed and the process exits [default: 5000].
     drain_linger_ms: u32 = 5_000, "TETHER_DRAIN_LINGER_MS";
+    /// An UPLINK or room request the upstream has not answered in this many ms gets UPSTREAM_TIMEOUT [default: 10000].
+    upstream_timeout_ms: u32 = 10_000, "TETHER_UPSTREAM_TIMEOUT_MS";
+    /// UPLINKs a session may send per second on average; past it they are acked RATE_LIMITED; 0: no limit [default: 50].
+    uplink_rate: u32 = 50, "TETHER_UPLINK_RATE";
+    /// UPLINKs a session may send in a burst above the rate [default: 100].
+    uplink_burst: u32 = 100, "TETHER_UPLINK_BURST";
     /// Embedded upstream: messages kept per offline user [default: 1000].
     offline_max_messages: usize = 1_000, "TETHER_OFFLINE_MAX_MESSAGES";
     /// Embedded upstream: seconds an offline message is kept [default: 259200 = 72 h].

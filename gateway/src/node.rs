@@ -25,7 +25,7 @@ use crate::config::{Config, MultiDevice};
 use crate::metrics::Metrics;
 use crate::session::dedup::{Seen, UplinkDedup};
 use crate::session::downlink::DownlinkBuffer;
-use crate::upstream::{EndReason, Outcome, Reply, Uplink, Upstream};
+use crate::upstream::{EndReason, Outcome, Reply, ReplyInner, Uplink, Upstream};
 
 /// 128 random bits (PROTOCOL.md §4.2).
 pub type SessionId = [u8; 16];
@@ -91,6 +91,38 @@ pub(crate) struct State {
     /// (ThinVec: 8 bytes and no allocation while empty, which is nearly always.)
     pub transient: ThinVec<(u32, bool, Bytes)>,
     pub rooms: ThinVec<Arc<str>>,
+    pub bucket: TokenBucket,
+}
+
+/// A token bucket for a session's uplinks: 8 bytes, time in milliseconds of the gateway clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct TokenBucket {
+    /// Tokens spent and not yet refilled, in thousandths of a token.
+    debt_milli: u32,
+    /// When `debt_milli` was last brought up to date (gateway ms, truncated).
+    at_ms: u32,
+}
+
+impl TokenBucket {
+    /// Takes one token at `now_ms` with `rate` per second and `burst` above it. `None`: go
+    /// ahead; `Some(ms)`: refused, a token is back in `ms`. `rate` 0 means no limit.
+    pub(crate) fn take(&mut self, now_ms: u64, rate: u32, burst: u32) -> Option<u32> {
+        if rate == 0 {
+            return None;
+        }
+        let now = now_ms as u32;
+        let elapsed = now.wrapping_sub(self.at_ms) as u64;
+        let refill = elapsed.saturating_mul(rate as u64).min(u32::MAX as u64) as u32;
+        self.debt_milli = self.debt_milli.saturating_sub(refill);
+        self.at_ms = now;
+        let cap = burst.max(1).saturating_mul(1000);
+        if self.debt_milli + 1000 > cap {
+            let missing = self.debt_milli + 1000 - cap;
+            return Some(missing.div_ceil(rate).max(1));
+        }
+        self.debt_milli += 1000;
+        None
+    }
 }
 
 /// One session: a (user, device) logged in, attached to a connection or waiting for one.
@@ -210,6 +242,8 @@ pub struct Node {
     session_count: AtomicUsize,
     draining: AtomicBool,
     pub(crate) stopped_workers: AtomicU32,
+    /// Requests with the upstream, by deadline (the timeout is fixed, so this is a FIFO).
+    pending: Mutex<std::collections::VecDeque<(u64, std::sync::Weak<ReplyInner>)>>,
     self_ref: OnceLock<std::sync::Weak<Node>>,
 }
 
@@ -259,6 +293,7 @@ impl Node {
             session_count: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             stopped_workers: AtomicU32::new(0),
+            pending: Mutex::new(Default::default()),
             self_ref: OnceLock::new(),
         });
         let _ = node.self_ref.set(Arc::downgrade(&node));
@@ -422,6 +457,7 @@ impl Node {
                 epoch: 0,
                 transient: ThinVec::new(),
                 rooms: ThinVec::new(),
+                bucket: TokenBucket::default(),
             }),
         });
         let mut victims = Vec::new();
@@ -633,6 +669,40 @@ impl Node {
         was
     }
 
+    /// Puts a request with the upstream under the upstream timeout.
+    fn watch(&self, reply: &Reply) {
+        let deadline = self.clock.elapsed_ms() + self.config.upstream_timeout_ms as u64;
+        let mut p = self.pending.lock();
+        // Drop answered requests from the front as we go, so the queue holds about what is
+        // really pending.
+        while p.front().is_some_and(|(_, w)| w.strong_count() == 0) {
+            p.pop_front();
+        }
+        p.push_back((deadline, reply.watch()));
+    }
+
+    /// Answers UPSTREAM_TIMEOUT for every request past its deadline (called by the workers'
+    /// timer step).
+    pub(crate) fn expire_requests(&self) {
+        let now = self.clock.elapsed_ms();
+        loop {
+            let expired = {
+                let mut p = self.pending.lock();
+                match p.front() {
+                    Some((at, _)) if *at <= now => p.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((_, w)) = expired else { break };
+            if let Some(inner) = w.upgrade() {
+                inner.answer(Outcome::err(
+                    ErrorCode::UpstreamTimeout,
+                    "the upstream did not answer in time",
+                ));
+            }
+        }
+    }
+
     /// Pushes a downlink to `target`. Returns the sessions it was queued to (attached ones
     /// and ones in their grace period; transient pushes only count attached ones).
     pub fn push(&self, target: &Target, push: &Push) -> usize {
@@ -714,11 +784,35 @@ impl Node {
                 &Outcome::err(ErrorCode::Rejected, "msg_id 0"),
             ));
         }
-        let seen = session
-            .state
-            .lock()
-            .dedup
-            .check(uplink.msg_id, self.config.dedup_window);
+        let now_ms = self.clock.elapsed_ms();
+        let seen = {
+            let mut st = session.state.lock();
+            let seen = st.dedup.check(uplink.msg_id, self.config.dedup_window);
+            if seen == Seen::New {
+                if let Some(wait_ms) =
+                    st.bucket
+                        .take(now_ms, self.config.uplink_rate, self.config.uplink_burst)
+                {
+                    // Not forwarded: a resend must be taken as new.
+                    st.dedup.forget(uplink.msg_id);
+                    drop(st);
+                    Metrics::inc(
+                        &self.metrics.uplink_acks,
+                        "code",
+                        ErrorCode::RateLimited.as_str_name(),
+                    );
+                    return Some(uplink_ack(
+                        uplink.msg_id,
+                        &Outcome {
+                            code: ErrorCode::RateLimited,
+                            retry_after_ms: wait_ms,
+                            message: "too many uplinks".into(),
+                        },
+                    ));
+                }
+            }
+            seen
+        };
         match seen {
             Seen::InFlight => {
                 self.metrics.uplink_duplicates.inc();
@@ -735,6 +829,7 @@ impl Node {
                 let msg_id = uplink.msg_id;
                 let start = Instant::now();
                 let reply = Reply::new(move |o: Outcome| node.uplink_done(&s, msg_id, o, start));
+                self.watch(&reply);
                 self.upstream.uplink(&self.arc(), session, uplink, reply);
                 None
             }
@@ -791,6 +886,7 @@ impl Node {
                 node.send(c.worker, Cmd::Send(c, f));
             }
         });
+        self.watch(&reply);
         if join {
             self.upstream
                 .room_join(&self.arc(), session, &room, body, reply);
@@ -824,4 +920,32 @@ pub(crate) fn uplink_ack(msg_id: u64, o: &Outcome) -> Frame {
         retry_after_ms: o.retry_after_ms,
         message: o.message.clone(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenBucket;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let mut b = TokenBucket::default();
+        // rate 10/s, burst 3: three at once, the fourth waits 100 ms.
+        for _ in 0..3 {
+            assert_eq!(b.take(1_000, 10, 3), None);
+        }
+        assert_eq!(b.take(1_000, 10, 3), Some(100));
+        assert_eq!(b.take(1_050, 10, 3), Some(50));
+        assert_eq!(b.take(1_100, 10, 3), None);
+        assert_eq!(b.take(1_100, 10, 3), Some(100));
+        // A long pause refills to the burst, no further.
+        for _ in 0..3 {
+            assert_eq!(b.take(60_000, 10, 3), None);
+        }
+        assert!(b.take(60_000, 10, 3).is_some());
+        assert_eq!(
+            TokenBucket::default().take(0, 0, 0),
+            None,
+            "rate 0: no limit"
+        );
+    }
 }

@@ -77,15 +77,33 @@ impl Outcome {
     }
 }
 
-/// Receives the one answer to a request; answers `INTERNAL` if dropped unanswered.
+/// Receives the one answer to a request; answers `INTERNAL` if dropped unanswered, and the
+/// gateway answers `UPSTREAM_TIMEOUT` for it if it is not answered within
+/// `upstream_timeout_ms` (a late answer is then ignored).
 pub struct Reply {
-    done: Option<Box<dyn FnOnce(Outcome) + Send>>,
+    inner: Arc<ReplyInner>,
+}
+
+type Done = Box<dyn FnOnce(Outcome) + Send>;
+
+pub(crate) struct ReplyInner {
+    done: parking_lot::Mutex<Option<Done>>,
+}
+
+impl ReplyInner {
+    /// Answers if nobody has yet.
+    pub(crate) fn answer(&self, outcome: Outcome) {
+        let done = self.done.lock().take();
+        if let Some(done) = done {
+            done(outcome)
+        }
+    }
 }
 
 impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reply")
-            .field("answered", &self.done.is_none())
+            .field("answered", &self.inner.done.lock().is_none())
             .finish()
     }
 }
@@ -93,14 +111,19 @@ impl std::fmt::Debug for Reply {
 impl Reply {
     pub(crate) fn new(done: impl FnOnce(Outcome) + Send + 'static) -> Reply {
         Reply {
-            done: Some(Box::new(done)),
+            inner: Arc::new(ReplyInner {
+                done: parking_lot::Mutex::new(Some(Box::new(done))),
+            }),
         }
     }
 
-    pub fn send(mut self, outcome: Outcome) {
-        if let Some(done) = self.done.take() {
-            done(outcome)
-        }
+    /// For the gateway's timeout sweep.
+    pub(crate) fn watch(&self) -> std::sync::Weak<ReplyInner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub fn send(self, outcome: Outcome) {
+        self.inner.answer(outcome)
     }
 
     pub fn ok(self) {
@@ -110,12 +133,10 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
-            done(Outcome::err(
-                ErrorCode::Internal,
-                "the upstream dropped the request",
-            ))
-        }
+        self.inner.answer(Outcome::err(
+            ErrorCode::Internal,
+            "the upstream dropped the request",
+        ))
     }
 }
 

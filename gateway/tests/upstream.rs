@@ -142,6 +142,123 @@ fn the_upstream_hears_of_sessions_opening_resuming_and_ending() {
     );
 }
 
+/// Holds every uplink's reply and never answers.
+#[derive(Default)]
+struct Silent {
+    held: Mutex<Vec<Reply>>,
+}
+
+impl Upstream for Silent {
+    fn session_opened(&self, _: &Hub, _: &SessionRef, _: bool) {}
+    fn session_ended(&self, _: &Hub, _: &SessionRef, _: EndReason) {}
+    fn uplink(&self, _: &Hub, _: &SessionRef, _: Uplink, reply: Reply) {
+        self.held.lock().unwrap().push(reply);
+    }
+    fn room_join(&self, _: &Hub, _: &SessionRef, _: &str, _: Bytes, reply: Reply) {
+        self.held.lock().unwrap().push(reply);
+    }
+    fn room_leave(&self, _: &Hub, _: &SessionRef, _: &str, reply: Reply) {
+        reply.ok()
+    }
+    fn delivered(&self, _: &Hub, _: &SessionRef, _: &[u64]) {}
+}
+
+#[test]
+fn an_upstream_that_does_not_answer_gets_upstream_timeout_and_its_late_answer_is_ignored() {
+    let up = Arc::new(Silent::default());
+    let mut c = config();
+    c.upstream_timeout_ms = 5_000;
+    let g = Gateway::start(
+        c,
+        Options {
+            clock: Some(Clock::manual()),
+            upstream: Some(up.clone()),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let mut c = Raw::connect(g.addrs()[0]);
+    c.login("alice", "phone", None);
+    c.uplink(1, Bytes::from_static(b"x"));
+    c.send(&tether_codec::Frame::new(Header::RoomJoin(Box::new(
+        pb::RoomJoin {
+            request_id: 2,
+            room_id: "r".into(),
+        },
+    ))));
+    eventually(|| up.held.lock().unwrap().len() == 2);
+    g.advance_clock(4);
+    c.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(
+        matches!(c.recv().header, Header::Pong(_)),
+        "nothing timed out at 4 s"
+    );
+    g.advance_clock(1);
+    let mut codes = Vec::new();
+    for _ in 0..2 {
+        match c.recv().header {
+            Header::UplinkAck(a) => codes.push(("uplink", a.code)),
+            Header::RoomResult(r) => codes.push(("room", r.code)),
+            h => panic!("{h:?}"),
+        }
+    }
+    codes.sort();
+    let t = ErrorCode::UpstreamTimeout as i32;
+    assert_eq!(codes, [("room", t), ("uplink", t)]);
+    // The late answers go nowhere; the next frame is the PONG.
+    for r in up.held.lock().unwrap().drain(..) {
+        r.ok();
+    }
+    c.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(matches!(c.recv().header, Header::Pong(_)));
+    // A timed-out uplink may be resent, and is forwarded again.
+    c.uplink(1, Bytes::from_static(b"x"));
+    eventually(|| up.held.lock().unwrap().len() == 1);
+}
+
+#[test]
+fn uplinks_past_the_rate_are_acked_rate_limited_and_may_be_resent() {
+    let g = start(|c| {
+        c.uplink_rate = 1;
+        c.uplink_burst = 2;
+    });
+    let mut c = Raw::connect(g.addrs()[0]);
+    c.login("alice", "phone", None);
+    for id in 1..=3 {
+        c.uplink(id, tether_client_free_echo());
+    }
+    let mut acks: Vec<(u64, i32, u32)> = (0..3)
+        .map(|_| loop {
+            match c.recv().header {
+                Header::UplinkAck(a) => break (a.msg_id, a.code, a.retry_after_ms),
+                Header::Downlink(_) => continue,
+                h => panic!("{h:?}"),
+            }
+        })
+        .collect();
+    acks.sort();
+    assert_eq!(acks[0].1, ErrorCode::Ok as i32);
+    assert_eq!(acks[1].1, ErrorCode::Ok as i32);
+    assert_eq!(acks[2], (3, ErrorCode::RateLimited as i32, 1000));
+    g.advance_clock(1);
+    c.uplink(3, tether_client_free_echo());
+    loop {
+        match c.recv().header {
+            Header::UplinkAck(a) => {
+                assert_eq!((a.msg_id, a.code), (3, ErrorCode::Ok as i32));
+                break;
+            }
+            Header::Downlink(_) => continue,
+            h => panic!("{h:?}"),
+        }
+    }
+}
+
+/// An empty ChatMessage: the embedded upstream echoes it to the sender.
+fn tether_client_free_echo() -> Bytes {
+    Bytes::new()
+}
+
 fn login_as(g: &Gateway, user: &str, device: &str, platform: pb::Platform) -> Raw {
     let mut c = Raw::connect(g.addrs()[0]);
     let mut f = login_frame(user, device, None);
