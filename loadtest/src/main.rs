@@ -438,12 +438,16 @@ async fn idle(cli: &Cli, ctx: Arc<Ctx>, n: usize, hold: u64, heartbeat: u64) {
     let hb = hist();
     let hb_fail = Arc::new(AtomicU64::new(0));
     let (stop2, hb2, hb_fail2) = (stop.clone(), hb.clone(), hb_fail.clone());
-    let (ok, failed, _, setup) = flood(&ctx, n, cli.inflight, Duration::from_secs(cli.phase_timeout), move |_, mut c, _| {
+    let (ok, failed, _, setup) = flood(&ctx, n, cli.inflight, Duration::from_secs(cli.phase_timeout), move |i, mut c, _| {
         let (stop, hb, hb_fail) = (stop2.clone(), hb2.clone(), hb_fail2.clone());
         async move {
             let stopped = stop.notified();
             tokio::pin!(stopped);
-            let mut tick = tokio::time::interval(Duration::from_secs(heartbeat.max(1)));
+            // Spread the connections' PINGs over the period (logins complete within a second,
+            // so intervals started at login would PING in bursts of thousands).
+            let period = Duration::from_secs(heartbeat.max(1));
+            let phase = period.mul_f64((i.wrapping_mul(7919) % 1000) as f64 / 1000.0);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
             tick.tick().await;
             loop {
                 tokio::select! {
