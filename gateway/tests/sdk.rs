@@ -79,7 +79,9 @@ async fn ten_thousand_downlinks_across_cut_connections_arrive_once_each_in_order
 
 fn tls_files() -> (String, String, String) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("tether-tls-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("tether-tls-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
@@ -231,4 +233,32 @@ async fn a_kicked_client_does_not_reconnect() {
     }
     assert!(first.send(0, chat_to_user("x", "y")).await.is_err());
     assert_eq!(g.node().user_sessions("alice").len(), 1);
+}
+
+#[test]
+fn a_tls_handshake_that_does_not_finish_in_time_is_closed() {
+    let (cert, key, _) = tls_files();
+    let g = start(|c| {
+        c.tls_listen = vec!["127.0.0.1:0".into()];
+        c.tls_cert = cert;
+        c.tls_key = key;
+        c.tls_handshake_timeout_secs = 3;
+        c.login_timeout_secs = 60;
+    });
+    let mut s = std::net::TcpStream::connect(g.tls_addrs()[0]).unwrap();
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    eventually(|| g.node().connections() == 1);
+    g.advance_clock(3);
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        s.read(&mut buf).unwrap(),
+        0,
+        "closed without a word (no TLS to speak in)"
+    );
+    eventually(|| g.node().connections() == 0);
+    assert!(g
+        .node()
+        .metrics
+        .encode()
+        .contains("tether_tls_handshake_failures_total 1"));
 }

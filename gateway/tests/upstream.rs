@@ -19,6 +19,7 @@ use tether_protocol::pb::{self, ErrorCode};
 /// reply of msg_id 99 unanswered; records what it is told.
 #[derive(Default)]
 struct Flaky {
+    receipts: Mutex<Vec<u64>>,
     forwarded: AtomicUsize,
     seen: Mutex<Vec<u64>>,
     events: Mutex<Vec<String>>,
@@ -60,7 +61,9 @@ impl Upstream for Flaky {
     fn room_leave(&self, _: &Hub, _: &SessionRef, _: &str, reply: Reply) {
         reply.ok()
     }
-    fn delivered(&self, _: &Hub, _: &SessionRef, _: &[u64]) {}
+    fn delivered(&self, _: &Hub, _: &SessionRef, receipts: &[u64]) {
+        self.receipts.lock().unwrap().extend_from_slice(receipts);
+    }
 }
 
 fn start_with(up: Arc<Flaky>) -> Gateway {
@@ -313,4 +316,33 @@ fn single_session_per_user() {
     let _b = login_as(&g, "u", "b", pb::Platform::Web);
     assert_eq!(kicked(&mut a), pb::KickReason::LoggedInElsewhere);
     assert_eq!(g.node().user_sessions("u").len(), 1);
+}
+
+#[test]
+fn acked_downlinks_are_reported_to_the_upstream_as_delivery_receipts() {
+    let up = Arc::new(Flaky::default());
+    let g = start_with(up.clone());
+    let mut c = Raw::connect(g.addrs()[0]);
+    c.login("bob", "phone", None);
+    let target = tether_gateway::node::Target::User("bob".into());
+    for receipt in [0, 11, 12] {
+        let mut p = tether_gateway::node::Push::new(0, "x");
+        p.receipt = receipt;
+        assert_eq!(g.node().push(&target, &p), 1);
+    }
+    for seq in 1..=3 {
+        assert_eq!(c.downlink().0, seq);
+    }
+    c.ack(2);
+    c.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(matches!(c.recv().header, Header::Pong(_)));
+    assert_eq!(
+        *up.receipts.lock().unwrap(),
+        [11],
+        "seq 1 had no receipt; seq 3 is not acked"
+    );
+    c.ack(3);
+    c.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(matches!(c.recv().header, Header::Pong(_)));
+    assert_eq!(*up.receipts.lock().unwrap(), [11, 12]);
 }
