@@ -47,6 +47,23 @@ fn main() -> std::process::ExitCode {
         println!("{config:#?}");
         return std::process::ExitCode::SUCCESS;
     }
+    // Signals are hooked before anything listens, so that a SIGTERM can never find the
+    // default action (exit without a drain) in place.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a signal runtime");
+    let signals = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        )
+    });
+    let (Ok(mut term), Ok(mut int)) = signals else {
+        eprintln!("tether-gateway: cannot install signal handlers");
+        return std::process::ExitCode::from(2);
+    };
     let gateway = match Gateway::start(config, Options::default()) {
         Ok(g) => g,
         Err(e) => {
@@ -55,20 +72,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     let node = gateway.node().clone();
-    // Signals: the first SIGTERM/SIGINT drains; a second one exits at once.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a signal runtime");
+    // The first SIGTERM/SIGINT drains; a second one exits at once.
     std::thread::spawn(move || {
         rt.block_on(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
             for n in 0.. {
                 tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
                 if n == 0 {
