@@ -154,7 +154,15 @@ impl Gateway {
             let waker = mio::Waker::new(poll.registry(), WAKER)?;
             let (tx, rx) = crossbeam_channel::unbounded::<Cmd>();
             links.push((tx, waker));
-            ready.push(Worker::new(w as u16, node.clone(), poll, listeners, rx)?);
+            let slots = node.config.max_connections.div_ceil(workers);
+            ready.push(Worker::new(
+                w as u16,
+                node.clone(),
+                poll,
+                listeners,
+                rx,
+                slots,
+            )?);
         }
         node.set_workers(links);
         let mut threads = Vec::new();

@@ -139,6 +139,7 @@ impl Worker {
         poll: Poll,
         mut listeners: Vec<Listener>,
         rx: Receiver<Cmd>,
+        slots: usize,
     ) -> io::Result<Worker> {
         for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
@@ -154,7 +155,9 @@ impl Worker {
             poll,
             listeners,
             rx,
-            conns: Slab::new(),
+            // Reserved, not touched: pages are only backed as slots are used, and the slab never
+            // grows by copying (which would leave the old copy's pages behind).
+            conns: Slab::with_capacity(slots),
             next_gen: 0,
             expiring: VecDeque::new(),
             rbuf: BytesMut::new(),
