@@ -101,8 +101,8 @@ settings! {
     max_unacked_frames: usize = crate::session::downlink::DEFAULT_MAX_UNACKED_FRAMES, "TETHER_MAX_UNACKED_FRAMES";
     /// Body bytes of unacked downlinks kept per session [default: 262144].
     max_unacked_bytes: usize = crate::session::downlink::DEFAULT_MAX_UNACKED_BYTES, "TETHER_MAX_UNACKED_BYTES";
-    /// Bytes queued for a connection's socket before it is closed as a slow consumer [default: 262144].
-    max_outbound_bytes: usize = 256 * 1024, "TETHER_MAX_OUTBOUND_BYTES";
+    /// Bytes queued for a connection's socket before it is closed as a slow consumer; keep it above max_unacked_bytes, which a resume replay may write at once [default: 1048576].
+    max_outbound_bytes: usize = 1024 * 1024, "TETHER_MAX_OUTBOUND_BYTES";
     /// Recent uplink ids remembered per session for dedup [default: 128].
     dedup_window: usize = crate::session::dedup::DEFAULT_DEDUP_WINDOW, "TETHER_DEDUP_WINDOW";
     /// Which earlier sessions a login replaces [default: per-device].
@@ -139,6 +139,8 @@ settings! {
     uplink_burst: u32 = 100, "TETHER_UPLINK_BURST";
     /// Embedded upstream: messages kept per offline user [default: 1000].
     offline_max_messages: usize = 1_000, "TETHER_OFFLINE_MAX_MESSAGES";
+    /// Embedded upstream: most users with an offline queue [default: 100000].
+    offline_max_users: usize = 100_000, "TETHER_OFFLINE_MAX_USERS";
     /// Embedded upstream: seconds an offline message is kept [default: 259200 = 72 h].
     offline_max_age_secs: u64 = 72 * 3600, "TETHER_OFFLINE_MAX_AGE_SECS";
     /// Embedded upstream: most members of a room [default: 100000].
@@ -199,6 +201,25 @@ impl Config {
                 "no --auth-secret: set one, or --dev-auth to accept any token (development only)"
                     .into(),
             );
+        }
+        // Deadlines must fall inside one lap of the timing wheel (a connection keeps one
+        // entry, and an entry seen before its deadline is taken as stale).
+        let longest = [
+            self.login_timeout_secs,
+            self.tls_handshake_timeout_secs,
+            self.heartbeat_mobile_ms
+                .max(self.heartbeat_web_ms)
+                .div_ceil(1000)
+                .saturating_mul(self.heartbeat_misses),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0) as usize;
+        if self.timer_wheel_slots <= longest {
+            return Err(format!(
+                "timer_wheel_slots ({}) must exceed the longest deadline in seconds ({longest})",
+                self.timer_wheel_slots
+            ));
         }
         if self.max_frame_len > tether_codec::ABSOLUTE_MAX_FRAME_LEN {
             return Err(format!(

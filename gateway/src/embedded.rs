@@ -34,6 +34,7 @@ pub const CHAT_BODY_TYPE: u32 = 0;
 pub struct ChatUpstream {
     offline: Mutex<HashMap<String, VecDeque<(u64, Bytes)>>>,
     max_messages: usize,
+    max_users: usize,
     max_age_ms: u64,
     room_max_members: usize,
     next_id: AtomicU64,
@@ -46,6 +47,7 @@ impl ChatUpstream {
         ChatUpstream {
             offline: Mutex::new(HashMap::new()),
             max_messages: config.offline_max_messages,
+            max_users: config.offline_max_users,
             max_age_ms: config.offline_max_age_secs.saturating_mul(1000),
             room_max_members: config.room_max_members,
             next_id: AtomicU64::new(1),
@@ -59,16 +61,26 @@ impl ChatUpstream {
     }
 
     fn enqueue_offline(&self, user: &str, now: u64, body: Bytes) {
-        let mut q = self.offline.lock();
-        let q = q.entry(user.to_owned()).or_default();
+        if self.max_messages == 0 {
+            return;
+        }
+        let mut all = self.offline.lock();
+        if !all.contains_key(user) && all.len() >= self.max_users {
+            // Bounded in users too: sweep out what has expired, then give up on this one.
+            all.retain(|_, q| {
+                q.back()
+                    .is_some_and(|(t, _)| t.saturating_add(self.max_age_ms) > now)
+            });
+            if all.len() >= self.max_users {
+                return;
+            }
+        }
+        let q = all.entry(user.to_owned()).or_default();
         while q
             .front()
             .is_some_and(|(t, _)| t.saturating_add(self.max_age_ms) <= now)
         {
             q.pop_front();
-        }
-        if self.max_messages == 0 {
-            return;
         }
         while q.len() >= self.max_messages {
             q.pop_front();
@@ -133,6 +145,12 @@ impl Upstream for ChatUpstream {
         msg.server_msg_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         msg.sent_at_ms = now;
         let push = Push::new(CHAT_BODY_TYPE, msg.encode_to_vec());
+        if !hub.fits_a_frame(push.body.len()) {
+            return reply.send(Outcome::err(
+                ErrorCode::Rejected,
+                "message too large to deliver",
+            ));
+        }
         match msg.target.clone() {
             Some(ChatTarget::ToUser(user)) => {
                 if user.is_empty() {

@@ -460,6 +460,12 @@ impl Node {
                 bucket: TokenBucket::default(),
             }),
         });
+        // In the id map before the user's list: a concurrent login that replaces this
+        // session finds it in the list and its `end` must find it in the map too.
+        self.sessions
+            .shard(&session.id)
+            .lock()
+            .insert(session.id, session.clone());
         let mut victims = Vec::new();
         {
             let mut users = self.users.shard(&*session.user).lock();
@@ -483,10 +489,6 @@ impl Node {
             }
             list.push(session.clone());
         }
-        self.sessions
-            .shard(&session.id)
-            .lock()
-            .insert(session.id, session.clone());
         self.session_count.fetch_add(1, Ordering::Relaxed);
         self.metrics.sessions.inc();
         for (victim, reason) in victims {
@@ -514,12 +516,15 @@ impl Node {
                 Link::Detached { .. } => None,
             };
             st.link = Link::Attached(conn);
+            // A last_seq above what was ever sent counts as the highest seq sent (§6.6), not
+            // as the highest pushed: downlinks buffered while detached were never seen.
+            let last_seq = r.last_seq.min(st.sent);
             let receipts: Vec<u64> = st
                 .downlink
-                .ack(r.last_seq)
+                .ack(last_seq)
                 .filter_map(|d| (d.receipt != 0).then_some(d.receipt))
                 .collect();
-            let gap = st.downlink.resume(r.last_seq).gap;
+            let gap = st.downlink.resume(last_seq).gap;
             st.sent = st.downlink.acked().max(gap.map_or(0, |g| g.1));
             st.flush_queued = false;
             st.transient.clear();
@@ -556,17 +561,22 @@ impl Node {
     /// The grace period of the detach `epoch` is over: end the session if it is still
     /// detached since then.
     pub(crate) fn expire(&self, session: &Arc<Session>, epoch: u32) {
-        if session.state.lock().link == (Link::Detached { epoch }) {
-            self.end(session, EndReason::Expired);
-        }
+        // Checked and ended under one lock: a resume between the two would be undone.
+        self.end_if(session, EndReason::Expired, |link| {
+            link == Link::Detached { epoch }
+        });
     }
 
     /// Ends a session: out of the registry and its rooms, upstream told, its connection (if
     /// any) kicked when `reason` is a kick or replacement.
     pub fn end(&self, session: &Arc<Session>, reason: EndReason) {
+        self.end_if(session, reason, |_| true);
+    }
+
+    fn end_if(&self, session: &Arc<Session>, reason: EndReason, when: impl FnOnce(Link) -> bool) {
         let (link, rooms) = {
             let mut st = session.state.lock();
-            if st.link == Link::Ended {
+            if st.link == Link::Ended || !when(st.link) {
                 return;
             }
             let link = std::mem::replace(&mut st.link, Link::Ended);
@@ -654,7 +664,16 @@ impl Node {
             .entry(room.clone())
             .or_default()
             .insert(session.id, session.clone());
-        true
+        // An `end` or a LEAVE may have run between the two steps: the registry must not keep
+        // a member the session no longer lists.
+        let still = {
+            let st = session.state.lock();
+            st.link != Link::Ended && st.rooms.contains(&room)
+        };
+        if !still {
+            self.room_remove_entry(&room, &session.id);
+        }
+        still
     }
 
     /// Takes a session out of a room. False if it was not in it.
@@ -736,12 +755,25 @@ impl Node {
         n
     }
 
+    /// Whether a DOWNLINK with a body of `len` bytes fits the frame limit (with room for the
+    /// largest DOWNLINK header: two varints).
+    pub fn fits_a_frame(&self, len: usize) -> bool {
+        const MAX_DOWNLINK_HEADER: usize = 2 + 10 + 1 + 5;
+        (tether_protocol::MIN_LENGTH as usize + MAX_DOWNLINK_HEADER + len)
+            <= self.limits.frame_len_cap() as usize
+    }
+
     /// Queues one downlink on one session and asks its worker to write it.
     pub fn deliver(&self, s: &Session, push: &Push, gz: Option<&Bytes>) -> bool {
         let (gzip, body) = match gz {
             Some(b) if s.accept_gzip => (true, b.clone()),
             _ => (false, push.body.clone()),
         };
+        if !self.fits_a_frame(body.len()) {
+            // It could never be written: refuse it here rather than skip a seq later.
+            Metrics::inc(&self.metrics.decode_errors, "error", "downlink_too_large");
+            return false;
+        }
         let mut st = s.state.lock();
         let conn = match st.link {
             Link::Ended => return false,

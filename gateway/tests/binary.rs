@@ -11,13 +11,19 @@ use common::*;
 use tether_codec::{Frame, Header};
 use tether_protocol::pb;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two distinct free ports (both held while picked). The gateway's listeners use
+/// SO_REUSEPORT, so two gateways given the same port would share it silently: the tests in
+/// this file also run one at a time (`ONE_AT_A_TIME`).
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
 }
+
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 struct Gw {
     child: Child,
@@ -34,7 +40,7 @@ impl Drop for Gw {
 
 /// Starts the binary under `ulimit -n <fds>`, waits until its admin port answers.
 fn spawn(fds: u32) -> Gw {
-    let (port, admin) = (free_port(), free_port());
+    let (port, admin) = free_ports();
     let child = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -74,6 +80,7 @@ fn login_result(c: &mut Raw) -> pb::LoginResult {
 
 #[test]
 fn out_of_descriptors_it_backs_off_and_resumes_when_they_free_up() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let gw = spawn(64);
     // More connections than descriptors: the kernel queues them in the backlog, the
     // gateway's accept fails with EMFILE for the rest.
@@ -112,6 +119,7 @@ fn out_of_descriptors_it_backs_off_and_resumes_when_they_free_up() {
 
 #[test]
 fn sigterm_drains_with_goaway_and_exits() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut gw = spawn(1024);
     let mut c = Raw::connect(gw.addr);
     let mut f = login_frame("u", "d", None);

@@ -478,3 +478,58 @@ fn drain_sends_goaway_refuses_logins_and_stops() {
     assert_eq!(node.connections(), 0);
     assert_eq!(node.session_count(), 0);
 }
+
+#[test]
+fn a_last_seq_beyond_what_was_sent_does_not_swallow_what_waited_while_away() {
+    let g = start(|_| {});
+    let mut bob = Raw::connect(g.addrs()[0]);
+    let r = bob.login("bob", "phone", None);
+    drop(bob);
+    eventually(|| g.node().connections() == 0);
+    let target = tether_gateway::node::Target::User("bob".into());
+    for i in 1..=3 {
+        g.node().push(
+            &target,
+            &tether_gateway::node::Push::new(0, format!("m{i}")),
+        );
+    }
+    // A confused client claims seq 99; nothing was ever sent to it, so 1..=3 still come.
+    let mut bob = Raw::connect(g.addrs()[0]);
+    let r2 = bob.login("bob", "phone", Some((r.session_id, 99)));
+    assert!(r2.resumed);
+    let seqs: Vec<u64> = (0..3).map(|_| bob.downlink().0).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+}
+
+#[test]
+fn a_downlink_too_large_for_a_frame_is_refused_not_skipped() {
+    let g = start(|_| {});
+    let mut bob = Raw::connect(g.addrs()[0]);
+    bob.login("bob", "phone", None);
+    let target = tether_gateway::node::Target::User("bob".into());
+    // Incompressible, so gzip does not save it.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let big: Vec<u8> = (0..70_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    assert_eq!(
+        g.node()
+            .push(&target, &tether_gateway::node::Push::new(0, big)),
+        0
+    );
+    assert_eq!(
+        g.node()
+            .push(&target, &tether_gateway::node::Push::new(0, "ok")),
+        1
+    );
+    assert_eq!(
+        bob.downlink(),
+        (1, bytes::Bytes::from_static(b"ok")),
+        "seq 1, no hole"
+    );
+}
