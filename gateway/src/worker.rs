@@ -114,6 +114,14 @@ fn is_resource_error(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
+fn conn_ref(worker: u16, slot: usize, gen: u32) -> ConnRef {
+    ConnRef {
+        worker,
+        slot: slot as u32,
+        gen,
+    }
+}
+
 fn error_frame(code: ErrorCode, message: &str, retry_after_ms: u32) -> Frame {
     Frame::new(Header::Error(Box::new(pb::Error {
         code: code as i32,
@@ -177,11 +185,7 @@ impl Worker {
     }
 
     fn me(&self, slot: usize, gen: u32) -> ConnRef {
-        ConnRef {
-            worker: self.id,
-            slot: slot as u32,
-            gen,
-        }
+        conn_ref(self.id, slot, gen)
     }
 
     pub(crate) fn run(mut self) {
@@ -419,6 +423,7 @@ impl Worker {
         let mut frames = 0u64;
         let mut bytes = 0u64;
         let mut tls_failed = false;
+        let mut tls_to_write = false;
         'read: while let Some(e) = self.conns.get_mut(slot) {
             let n = match &mut e.tls {
                 None => match e.stream.read(&mut self.scratch) {
@@ -461,12 +466,8 @@ impl Worker {
                                 Err(_) => break,
                             }
                         }
-                        if tls.wants_write() {
-                            e.flags |= DIRTY;
-                            if !self.dirty.contains(&slot) {
-                                self.dirty.push(slot);
-                            }
-                        }
+                        // Handshake answers to send: written at the end of the turn.
+                        tls_to_write |= tls.wants_write();
                         got
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
@@ -503,6 +504,9 @@ impl Worker {
                 break;
             }
         }
+        if tls_to_write {
+            self.mark_dirty(slot, 0);
+        }
         let m = &self.node.metrics;
         m.frames_in.inc_by(frames);
         m.bytes_in.inc_by(bytes);
@@ -533,57 +537,58 @@ impl Worker {
     fn run_actions(&mut self, slot: usize, now: Tick) {
         let mut actions = std::mem::take(&mut self.actions);
         for a in actions.drain(..) {
-            let Some(e) = self.conns.get_mut(slot) else {
+            let Some(e) = self.conns.get(slot) else {
                 break;
             };
-            let session = e.session.clone();
-            match a {
-                Action::Send(f) => self.queue(slot, &f),
+            let a = match a {
+                Action::Send(f) => {
+                    self.queue(slot, &f);
+                    continue;
+                }
                 Action::Close(code) => {
                     self.close(slot, Some(code), close_label(Some(code)));
+                    continue;
                 }
-                Action::Login { login, .. } => self.login(slot, &login, now),
+                Action::Login { login, .. } => {
+                    self.login(slot, &login, now);
+                    continue;
+                }
+                a => a,
+            };
+            // The rest belong to the session (`Conn` asks for them only once logged in).
+            let Some(s) = e.session.clone() else {
+                continue;
+            };
+            match a {
                 Action::Uplink {
                     msg_id,
                     body_type,
                     gzip,
                     body,
                 } => {
-                    if let Some(s) = session {
-                        let up = Uplink {
-                            msg_id,
-                            body_type,
-                            gzip,
-                            body,
-                        };
-                        if let Some(ack) = self.node.uplink(&s, up) {
-                            self.queue(slot, &ack);
-                        }
+                    let up = Uplink {
+                        msg_id,
+                        body_type,
+                        gzip,
+                        body,
+                    };
+                    if let Some(ack) = self.node.uplink(&s, up) {
+                        self.queue(slot, &ack);
                     }
                 }
-                Action::DownlinkAck(seq) => {
-                    if let Some(s) = session {
-                        self.node.downlink_ack(&s, seq);
-                    }
-                }
+                Action::DownlinkAck(seq) => self.node.downlink_ack(&s, seq),
                 Action::RoomJoin {
                     request_id,
                     room_id,
                     body,
-                } => {
-                    if let Some(s) = session {
-                        self.node.room_request(&s, true, request_id, room_id, body);
-                    }
-                }
+                } => self.node.room_request(&s, true, request_id, room_id, body),
                 Action::RoomLeave {
                     request_id,
                     room_id,
-                } => {
-                    if let Some(s) = session {
-                        self.node
-                            .room_request(&s, false, request_id, room_id, Default::default());
-                    }
-                }
+                } => self
+                    .node
+                    .room_request(&s, false, request_id, room_id, Default::default()),
+                Action::Send(_) | Action::Close(_) | Action::Login { .. } => {}
             }
         }
         self.actions = actions;
@@ -693,11 +698,7 @@ impl Worker {
         let Some(s) = e.session.clone() else {
             return;
         };
-        let me = ConnRef {
-            worker: self.id,
-            slot: slot as u32,
-            gen: e.gen,
-        };
+        let me = conn_ref(self.id, slot, e.gen);
         let limits = self.node.limits;
         let out = e.out.get_or_insert_with(Default::default);
         let mut st = s.state.lock();
@@ -944,12 +945,7 @@ impl Worker {
         m.connections.dec();
         self.node.connections.fetch_sub(1, Ordering::SeqCst);
         if let Some(s) = e.session.take() {
-            let me = ConnRef {
-                worker: self.id,
-                slot: slot as u32,
-                gen: e.gen,
-            };
-            if let Some(epoch) = self.node.detach(&s, me) {
+            if let Some(epoch) = self.node.detach(&s, conn_ref(self.id, slot, e.gen)) {
                 let at = self
                     .node
                     .clock
