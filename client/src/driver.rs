@@ -164,7 +164,10 @@ async fn establish_inner(cfg: &Config, resume: Option<pb::Resume>) -> Result<Est
         .encode(&mut out, &cfg.limits)
         .map_err(protocol_error)?;
 
-    let tcp = TcpStream::connect(cfg.addr.as_str()).await?;
+    let tcp = match cfg.local_addr {
+        None => TcpStream::connect(cfg.addr.as_str()).await?,
+        Some(local) => connect_from(local, &cfg.addr).await?,
+    };
     let _ = tcp.set_nodelay(true);
     let mut io: BoxIo = match &cfg.tls {
         None => Box::new(tcp),
@@ -197,6 +200,26 @@ async fn establish_inner(cfg: &Config, resume: Option<pb::Resume>) -> Result<Est
             )));
         }
     }
+}
+
+/// Connects to the first address of `addr` in `local`'s family, from `local`.
+async fn connect_from(local: std::net::IpAddr, addr: &str) -> io::Result<TcpStream> {
+    let remote = tokio::net::lookup_host(addr)
+        .await?
+        .find(|a| a.is_ipv4() == local.is_ipv4())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("{addr} has no address of the family of {local}"),
+            )
+        })?;
+    let socket = if local.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(local, 0))?;
+    socket.connect(remote).await
 }
 
 fn login_answer(
@@ -365,6 +388,8 @@ struct Conn {
     decoder: Decoder,
     heartbeat: Duration,
     last_sent: Instant,
+    /// When the unanswered PING went out (timed for [`crate::Observer::heartbeat_rtt`]).
+    ping_at: Option<Instant>,
     /// Set by a PING: dead if nothing arrives by then.
     dead_at: Option<Instant>,
     goaway: Option<GoAwayPlan>,
@@ -696,6 +721,10 @@ impl Driver {
         } = est;
         let (rd, wr) = tokio::io::split(io);
         let now = Instant::now();
+        let heartbeat = self
+            .cfg
+            .heartbeat_interval
+            .map_or(heartbeat, |h| h.clamp(MIN_HEARTBEAT, MAX_HEARTBEAT));
         let mut c = Conn {
             rd,
             wr,
@@ -705,6 +734,7 @@ impl Driver {
             decoder: Decoder::new(self.cfg.limits),
             heartbeat,
             last_sent: now,
+            ping_at: None,
             dead_at: None,
             goaway: None,
             flush_on_end: false,
@@ -826,6 +856,7 @@ impl Driver {
         if now >= c.last_sent + c.heartbeat {
             self.send_ack(c);
             c.write(&Frame::new(Header::Ping(pb::Ping {})));
+            c.ping_at.get_or_insert(now);
             if c.dead_at.is_none() {
                 c.dead_at = Some(now + c.heartbeat + DEAD_SLACK);
             }
@@ -941,7 +972,12 @@ impl Driver {
     fn on_frame(&mut self, c: &mut Conn, frame: Frame, in_batch: bool) -> Option<End> {
         let Frame { header, gzip, body } = frame;
         match header {
-            Header::Pong(_) => None,
+            Header::Pong(_) => {
+                if let (Some(at), Some(o)) = (c.ping_at.take(), &self.cfg.observer) {
+                    o.heartbeat_rtt(at.elapsed());
+                }
+                None
+            }
             Header::UplinkAck(a) => {
                 self.on_uplink_ack(a);
                 None

@@ -133,6 +133,26 @@ pub struct Config {
     pub ack_every: u32,
     /// Frame and decompression limits for what the gateway sends (and what we send).
     pub limits: Limits,
+    /// Local address to connect from (port chosen by the OS), e.g. one of several
+    /// 127.0.0.x addresses when a load generator needs more ephemeral ports than one
+    /// address has. Default `None`: the OS picks.
+    pub local_addr: Option<std::net::IpAddr>,
+    /// PING after this much silence instead of the LOGIN_RESULT's `heartbeat_interval_ms`
+    /// (clamped to 10 ms ..= 1 h). Default `None`: the gateway's interval.
+    pub heartbeat_interval: Option<Duration>,
+    /// Told about connection-quality figures as they happen (default `None`).
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// Hooks for connection-quality figures the application cannot see from [`Event`]s (a
+/// status indicator, metrics, a load generator's histograms). Called on the client's
+/// background task: return quickly.
+pub trait Observer: Send + Sync {
+    /// A PONG arrived `rtt` after the PING it answers (the first PONG after a PING; a PING
+    /// sent while one is unanswered is not timed).
+    fn heartbeat_rtt(&self, rtt: Duration) {
+        let _ = rtt;
+    }
 }
 
 impl Config {
@@ -160,6 +180,9 @@ impl Config {
             ack_delay: Duration::from_millis(200),
             ack_every: 32,
             limits: Limits::default(),
+            local_addr: None,
+            heartbeat_interval: None,
+            observer: None,
         }
     }
 }
@@ -183,6 +206,9 @@ impl fmt::Debug for Config {
             .field("ack_delay", &self.ack_delay)
             .field("ack_every", &self.ack_every)
             .field("limits", &self.limits)
+            .field("local_addr", &self.local_addr)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("observer", &self.observer.as_ref().map(|_| "<observer>"))
             .finish()
     }
 }

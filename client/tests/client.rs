@@ -741,3 +741,59 @@ async fn sends_while_offline_wait_for_the_reconnect() {
         assert_eq!(s.await.unwrap(), Ok(id));
     }
 }
+
+#[tokio::test]
+async fn connects_from_the_configured_local_address() {
+    let server = Server::bind().await;
+    let mut cfg = config(&server.addr);
+    cfg.local_addr = Some("127.0.0.7".parse().unwrap());
+    let connecting = tokio::spawn(Client::connect(cfg));
+    let tcp = server.accept_tcp().await;
+    assert_eq!(
+        tcp.peer_addr().unwrap().ip(),
+        "127.0.0.7".parse::<std::net::IpAddr>().unwrap()
+    );
+    drop(tcp);
+    assert!(connecting.await.unwrap().is_err());
+
+    // An address family the gateway's address does not have is an error, not a hang.
+    let mut cfg = config(&server.addr);
+    cfg.local_addr = Some("::1".parse().unwrap());
+    match Client::connect(cfg).await {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::AddrNotAvailable),
+        other => panic!("expected an address error, got {other:?}"),
+    }
+}
+
+#[derive(Default)]
+struct Rtts(std::sync::Mutex<Vec<Duration>>);
+
+impl tether_client::Observer for Rtts {
+    fn heartbeat_rtt(&self, rtt: Duration) {
+        self.0.lock().unwrap().push(rtt);
+    }
+}
+
+#[tokio::test]
+async fn a_forced_heartbeat_interval_wins_and_pongs_are_timed() {
+    let server = Server::bind().await;
+    let rtts = std::sync::Arc::new(Rtts::default());
+    let mut cfg = config(&server.addr);
+    cfg.heartbeat_interval = Some(Duration::from_millis(50));
+    cfg.observer = Some(rtts.clone());
+    // The gateway says a minute; the configured 50 ms wins.
+    let (_client, _events, mut peer, _) = connect(&server, cfg, QUIET_HB).await;
+    let waited = std::time::Instant::now();
+    assert!(matches!(peer.recv_header().await, Header::Ping(_)));
+    assert!(waited.elapsed() < Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    peer.send(Frame::new(Header::Pong(pb::Pong {}))).await;
+    assert!(matches!(peer.recv_header().await, Header::Ping(_)));
+    peer.send(Frame::new(Header::Pong(pb::Pong {}))).await;
+    // A PONG with no PING outstanding is not timed.
+    peer.send(Frame::new(Header::Pong(pb::Pong {}))).await;
+    assert!(matches!(peer.recv_header().await, Header::Ping(_)));
+    let rtts = rtts.0.lock().unwrap().clone();
+    assert_eq!(rtts.len(), 2, "{rtts:?}");
+    assert!(rtts[0] >= Duration::from_millis(30), "{rtts:?}");
+}
