@@ -65,10 +65,12 @@ settings! {
     tls_key: String = String::new(), "TETHER_TLS_KEY";
     /// Seconds a TLS handshake may take [default: 10].
     tls_handshake_timeout_secs: u32 = 10, "TETHER_TLS_HANDSHAKE_TIMEOUT_SECS";
-    /// Admin and metrics HTTP address; empty disables it [default: 127.0.0.1:14080].
+    /// Admin and metrics HTTP address; empty disables it; with --processes N, process i listens on its port + i (port 0 stays 0) [default: 127.0.0.1:14080].
     admin_listen: String = "127.0.0.1:14080".into(), "TETHER_ADMIN_LISTEN";
     /// Worker threads (each with its own SO_REUSEPORT listeners); 0: one per core [default: 0].
     workers: usize = 0, "TETHER_WORKERS";
+    /// Gateway processes sharing the listen ports via SO_REUSEPORT, started and supervised by this one (to hold more connections than one process's file limit); sessions are per process. Process i (from 0) gets server_id `<server_id>-<i>`, admin port + i and max_connections / processes (rounded up) [default: 1].
+    processes: usize = 1, "TETHER_PROCESSES";
     /// This instance's id, sent in LOGIN_RESULT [default: tether-1].
     server_id: String = "tether-1".into(), "TETHER_SERVER_ID";
     /// Most connections held at once; past it a connection gets ERROR SERVER_BUSY [default: 1000000].
@@ -149,6 +151,15 @@ settings! {
     timer_wheel_slots: usize = crate::timer::DEFAULT_WHEEL_SLOTS, "TETHER_TIMER_WHEEL_SLOTS";
 }
 
+/// Most gateway processes one supervisor starts (`processes`).
+pub const MAX_PROCESSES: usize = 1024;
+
+/// `host:port` (also `[v6]:port`) → (`host`, port).
+pub fn split_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((host, port.parse().ok()?))
+}
+
 impl Config {
     /// Reads a TOML file (keys as the settings above, snake_case).
     pub fn from_toml_file(path: &Path) -> Result<Config, String> {
@@ -226,6 +237,24 @@ impl Config {
                 "max_frame_len over the hard ceiling {}",
                 tether_codec::ABSOLUTE_MAX_FRAME_LEN
             ));
+        }
+        if !(1..=MAX_PROCESSES).contains(&self.processes) {
+            return Err(format!("processes must be 1 to {MAX_PROCESSES}"));
+        }
+        if self.processes > 1 {
+            // Port 0 would give every process a port of its own: nothing shared.
+            let fixed = |a: &String| a.is_empty() || split_port(a).is_some_and(|(_, p)| p != 0);
+            if let Some(a) = self
+                .listen
+                .iter()
+                .chain(&self.tls_listen)
+                .find(|a| !fixed(a))
+            {
+                return Err(format!(
+                    "--processes {}: listen address {a} needs a fixed port for the processes to share",
+                    self.processes
+                ));
+            }
         }
         if self.heartbeat_misses == 0 || self.heartbeat_mobile_ms == 0 || self.heartbeat_web_ms == 0
         {

@@ -8,6 +8,7 @@
 //! - [`upstream::Upstream`] is the back end's interface; [`embedded::ChatUpstream`] the
 //!   reference chat back end used when nothing else is configured. [`auth`] decides who
 //!   logs in.
+//! - [`supervisor`] runs several gateway processes on the same ports (`--processes`).
 
 pub mod admin;
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod node;
 pub mod server;
 pub mod session;
+pub mod supervisor;
 pub mod timer;
 pub mod upstream;
 mod worker;

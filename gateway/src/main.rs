@@ -1,10 +1,12 @@
-//! `tether-gateway`: runs a gateway until SIGTERM or SIGINT, then drains it.
+//! `tether-gateway`: runs a gateway until SIGTERM or SIGINT, then drains it; with
+//! `--processes N`, supervises N gateway processes instead (`supervisor`).
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tether_gateway::config::{Config, Overrides};
-use tether_gateway::{Gateway, Options};
+use tether_gateway::{supervisor, Gateway, Options};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,13 +26,34 @@ struct Cli {
     overrides: Overrides,
 }
 
+/// Log timestamps followed by the process index, in a supervisor's child.
+struct ChildTimer(usize);
+
+impl tracing_subscriber::fmt::time::FormatTime for ChildTimer {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        tracing_subscriber::fmt::time::SystemTime.format_time(w)?;
+        write!(w, " process={}", self.0)
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // Set by a supervisor: this process is its child `index` of `count`.
+    let role = supervisor::child_role();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
+    match role {
+        Ok(Some((index, _))) => logs.with_timer(ChildTimer(index)).init(),
+        _ => logs.init(),
+    }
+    let role = match role {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether-gateway: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let cli = Cli::parse();
     let mut config = match &cli.config {
         Some(p) => match Config::from_toml_file(p) {
@@ -43,9 +66,29 @@ fn main() -> std::process::ExitCode {
         None => Config::default(),
     };
     config.apply(cli.overrides);
+    if let Some((index, count)) = role {
+        // A child's share of the settings, whatever `processes` says: a child never
+        // supervises.
+        config = match supervisor::child_config(&config, index, count) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("tether-gateway: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+        tracing::info!(
+            process = index,
+            of = count,
+            server_id = %config.server_id,
+            "gateway process of a supervisor"
+        );
+    }
     if cli.print_config {
         println!("{config:#?}");
         return std::process::ExitCode::SUCCESS;
+    }
+    if config.processes > 1 {
+        return supervisor::run(&config);
     }
     // Signals are hooked before anything listens, so that a SIGTERM can never find the
     // default action (exit without a drain) in place.
@@ -72,16 +115,22 @@ fn main() -> std::process::ExitCode {
         }
     };
     let node = gateway.node().clone();
-    // The first SIGTERM/SIGINT drains; a second one exits at once.
+    // The first SIGTERM/SIGINT drains; a second one exits at once. In a supervisor's child,
+    // a second one within a second of the first is the same signal twice (a terminal's
+    // Ctrl-C or systemd reach the children too, and the supervisor forwards its own).
     std::thread::spawn(move || {
         rt.block_on(async move {
-            for n in 0.. {
+            let mut draining: Option<Instant> = None;
+            loop {
                 tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-                if n == 0 {
-                    tracing::info!("signal: draining (again to exit now)");
-                    node.drain();
-                } else {
-                    std::process::exit(1);
+                match draining {
+                    None => {
+                        tracing::info!("signal: draining (again to exit now)");
+                        draining = Some(Instant::now());
+                        node.drain();
+                    }
+                    Some(t) if role.is_some() && t.elapsed() < Duration::from_secs(1) => {}
+                    Some(_) => std::process::exit(1),
                 }
             }
         })

@@ -1,5 +1,6 @@
 //! The `tether-gateway` binary itself: out of file descriptors, it backs off and resumes
-//! accepting when descriptors free up; SIGTERM drains and exits.
+//! accepting when descriptors free up; SIGTERM drains and exits; `--processes` runs several
+//! processes on one port.
 
 mod common;
 
@@ -138,4 +139,133 @@ fn sigterm_drains_with_goaway_and_exits() {
     assert!(c.until_closed().is_empty());
     let status = gw.child.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// A free port for the listener and a free base port `admin` with `admin + 1` free too (all
+/// held while picked), for a supervisor's two children.
+fn free_ports_for_two() -> (u16, u16) {
+    let listen = TcpListener::bind("127.0.0.1:0").unwrap();
+    for _ in 0..20 {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = a.local_addr().unwrap().port();
+        if admin < u16::MAX && TcpListener::bind(("127.0.0.1", admin + 1)).is_ok() {
+            return (listen.local_addr().unwrap().port(), admin);
+        }
+    }
+    panic!("no free pair of ports");
+}
+
+fn healthy(admin: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect(admin) else {
+        return false;
+    };
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    let mut out = String::new();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .is_ok()
+        && s.read_to_string(&mut out).is_ok()
+        && out.starts_with("HTTP/1.1 200")
+}
+
+/// The `tether_connections` gauge of one process.
+fn connections(admin: SocketAddr) -> u64 {
+    let m = metrics(admin);
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("tether_connections "))
+        .unwrap_or_else(|| panic!("tether_connections in {m}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// The direct children of `pid` (what a script reads too).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let list = std::fs::read_to_string(task.unwrap().path().join("children")).unwrap();
+        out.extend(list.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
+    }
+    out
+}
+
+#[test]
+fn processes_share_the_port_and_stop_together() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (port, admin) = free_ports_for_two();
+    let child = Command::new(env!("CARGO_BIN_EXE_tether-gateway"))
+        .args(["--processes", "2", "--workers", "1", "--dev-auth"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--drain-window-ms", "0", "--drain-linger-ms", "100"])
+        .env("TETHER_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed if the test fails; its children then drain (they get SIGTERM when it dies).
+    let mut sup = Gw {
+        child,
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+    };
+    let admins: Vec<SocketAddr> = (0..2)
+        .map(|i| format!("127.0.0.1:{}", admin + i).parse().unwrap())
+        .collect();
+    for &a in &admins {
+        eventually(|| healthy(a));
+    }
+    let kids = children_of(sup.child.id());
+    assert_eq!(kids.len(), 2, "{kids:?}");
+
+    // Logins through the one port land in either process (the kernel spreads them).
+    let n = 32;
+    let mut servers = std::collections::BTreeSet::new();
+    let mut conns: Vec<Raw> = (0..n)
+        .map(|i| {
+            let mut c = Raw::connect(sup.addr);
+            let mut f = login_frame(&format!("u{i}"), "d", None);
+            if let Header::Login(l) = &mut f.header {
+                l.token = "dev".into();
+            }
+            c.send(&f);
+            let r = login_result(&mut c);
+            assert_eq!(r.code, pb::ErrorCode::Ok as i32);
+            servers.insert(r.server_id);
+            c
+        })
+        .collect();
+    // Both took some (a 2^-31 chance that the hash sent all 32 to one).
+    assert_eq!(
+        servers.into_iter().collect::<Vec<_>>(),
+        ["tether-1-0", "tether-1-1"]
+    );
+    eventually(|| admins.iter().map(|&a| connections(a)).sum::<u64>() == n);
+
+    // SIGTERM to the supervisor drains every process; it exits 0 once they all did.
+    let pid = sup.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for c in &mut conns {
+        assert!(matches!(c.recv().header, Header::GoAway(_)));
+        assert!(c.until_closed().is_empty());
+    }
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = sup.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < GUARD, "supervisor still running");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+    // It waited for its children (reaped: gone), and nothing answers any more.
+    for k in kids {
+        assert!(!std::path::Path::new(&format!("/proc/{k}")).exists(), "{k}");
+    }
+    for &a in &admins {
+        assert!(TcpStream::connect(a).is_err());
+    }
+    assert!(TcpStream::connect(sup.addr).is_err());
 }
