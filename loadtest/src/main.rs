@@ -1,853 +1,816 @@
-//! `tether-loadtest`: drives a Tether gateway with the workloads `../shared/peers` runs
-//! against mosquitto, nats-server and rumqttd, and prints one `key=value` line per run.
+//! `tether-loadtest`: drives a Tether gateway with connection floods, fan-out, round trips
+//! and resume storms, built on the client SDK (`tether-client`).
 //!
-//! - `idle` (W1): N connections log in and PING every `--heartbeat` seconds for `--hold`
-//!   seconds; the gateway's RSS per connection and CPU during the hold.
-//! - `connect` (W2): N connect + login with `--inflight` at once: connections/s, latency.
-//! - `fanout` (W3): N members join one room; one sender posts M messages of `--size` bytes;
-//!   deliveries/s and publish-to-receive latency.
-//! - `rtt` (W4): C clients send echo uplinks at `--rate` msg/s in all; UPLINK -> UPLINK_ACK
-//!   and UPLINK -> echoed DOWNLINK round trips.
-//!
-//! Every loop is bounded in count and time. Connections are spread over `--sources`
-//! (several 127.0.0.x addresses) so that ephemeral ports do not run out. Pass the gateway's
-//! `--pid` to have its memory and CPU read from /proc. The gateway must run with
-//! `--dev-auth`, or give `--secret` to mint tokens.
-//!
-//! This speaks the protocol with the codec directly, one small task per connection, so that
-//! the load generator stays cheap next to the gateway on a 2-core machine; the client SDK
-//! (`tether-client`) is what applications use.
+//! One coordinating process starts worker processes (re-running this binary), as many as
+//! the connections need at [`plan::MAX_CONNECTIONS_PER_WORKER`] each (a process may hold
+//! 20,000 open files here), joins their phases with barriers, merges their results
+//! (histograms merged, not averaged), shows live progress, reads the gateway's /proc
+//! figures and `/metrics`, and prints a summary (plus `--json` and `--plot` files).
+//! Connections rotate over `--sources` so that no source address runs out of ephemeral
+//! ports. Every run is bounded (`--max-secs`) and targets loopback unless
+//! `--allow-remote`.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+mod plan;
+mod plot;
+mod report;
+mod scenario;
+mod sys;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use futures_util::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
-use prost::Message as _;
-use tether_codec::{Frame, Header, TetherCodec};
-use tether_protocol::chat::{chat_message, ChatMessage, Text};
-use tether_protocol::pb::{self, ErrorCode};
-use tokio::net::TcpSocket;
-use tokio::sync::Semaphore;
-use tokio_util::codec::Framed;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// A plain or TLS connection.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
-type Conn = Framed<Box<dyn Io>, TetherCodec>;
-type Hist = Arc<std::sync::Mutex<Histogram<u64>>>;
+use report::{Hist, Part, Report, Second};
+use worker::Msg;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
-#[command(about = "Load generator for the Tether gateway")]
-struct Cli {
-    /// Gateway address.
-    #[arg(long, default_value = "127.0.0.1:14000")]
-    addr: SocketAddr,
-    /// The gateway's process id, to read its RSS and CPU from /proc.
-    #[arg(long)]
-    pid: Option<u32>,
-    /// HMAC secret to mint tokens with (empty: the gateway runs --dev-auth).
-    #[arg(long, default_value = "")]
+#[command(version, about = "Load generator for the Tether gateway")]
+pub struct Cli {
+    /// Gateway address (host:port).
+    #[arg(long, default_value = "127.0.0.1:14000", global = true)]
+    addr: String,
+    /// Allow a gateway address outside 127.0.0.0/8 and ::1.
+    #[arg(long, global = true)]
+    allow_remote: bool,
+    /// HMAC secret to mint login tokens with (empty: the gateway runs --dev-auth).
+    #[arg(long, default_value = "", env = "TETHER_AUTH_SECRET", global = true)]
     secret: String,
-    /// Source addresses to spread connections over, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
-    sources: Vec<IpAddr>,
-    /// Connects in flight at once.
-    #[arg(long, default_value_t = 512)]
-    inflight: usize,
-    /// Prefix of the user ids (to run several load generators against one gateway).
-    #[arg(long, default_value = "lt")]
+    /// Source addresses, round robin over connections: a comma-separated list of
+    /// addresses and inclusive ranges (127.0.0.1-127.0.0.40). About 60,000 connections
+    /// fit on one source address per gateway address.
+    #[arg(long, default_value = "127.0.0.1", global = true)]
+    sources: String,
+    /// Prefix of the user ids (`<prefix><n>`), to run several load generators at once.
+    #[arg(long, default_value = "lt", global = true)]
     prefix: String,
-    /// Speak TLS, trusting this PEM certificate (the gateway's self-signed one, or its CA).
-    #[arg(long)]
-    tls_ca: Option<std::path::PathBuf>,
-    /// The name to check the gateway's TLS certificate against.
-    #[arg(long, default_value = "localhost")]
+    /// Speak TLS, trusting this PEM certificate (the gateway's or its CA's).
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
+    /// The name the gateway's TLS certificate must be valid for.
+    #[arg(long, default_value = "localhost", global = true)]
     tls_server_name: String,
-    /// Upper bound on any phase, seconds.
-    #[arg(long, default_value_t = 120)]
-    phase_timeout: u64,
+    /// Gateway process ids (with their child processes) whose RSS and CPU to read.
+    #[arg(long, value_delimiter = ',', global = true)]
+    gateway_pid: Vec<u32>,
+    /// Gateway admin addresses whose /metrics to read (summed).
+    #[arg(long, value_delimiter = ',', global = true)]
+    admin: Vec<SocketAddr>,
+    /// Write the report as JSON here.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// Write a chart of connections, rate and p99 over time here (SVG).
+    #[arg(long, global = true)]
+    plot: Option<PathBuf>,
+    /// Hard bound on the whole run, seconds: workers still running then are killed.
+    #[arg(long, default_value_t = 1_800, global = true)]
+    max_secs: u64,
+    /// Most connections per worker process.
+    #[arg(long, default_value_t = plan::MAX_CONNECTIONS_PER_WORKER, global = true)]
+    per_worker: usize,
+    /// Worker processes (0: as many as --per-worker asks for).
+    #[arg(long, default_value_t = 0, global = true)]
+    workers: usize,
+    /// No live progress bar (a line every 10 s instead).
+    #[arg(long, global = true)]
+    no_progress: bool,
+    /// Seconds a connect + login may take.
+    #[arg(long, default_value_t = 30, global = true)]
+    connect_timeout: u64,
+    /// Run as worker INDEX of COUNT (set by the coordinator).
+    #[arg(long, hide = true, num_args = 2, value_names = ["INDEX", "COUNT"], global = true)]
+    worker: Option<Vec<usize>>,
     #[command(subcommand)]
-    cmd: Workload,
+    scenario: Scenario,
 }
 
-#[derive(Debug, Subcommand)]
-enum Workload {
-    /// W1: N idle logged-in connections heartbeating.
-    Idle {
+#[derive(Debug, Clone, Subcommand)]
+pub enum Scenario {
+    /// Open N connections, log in, heartbeat, hold; then report who stayed up.
+    Hold {
         #[arg(long, default_value_t = 18_000)]
         n: usize,
+        /// Connects per second (0: as fast as --inflight allows).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 512)]
+        inflight: usize,
+        /// Seconds to hold once all are up.
         #[arg(long, default_value_t = 60)]
         hold: u64,
-        #[arg(long, default_value_t = 5)]
-        heartbeat: u64,
+        /// Heartbeat every this many seconds instead of the gateway's interval.
+        #[arg(long)]
+        heartbeat: Option<f64>,
+        /// Attempts after a failed connect (each failure counted by reason).
+        #[arg(long, default_value_t = 3)]
+        retries: u32,
     },
-    /// W2: connect + login rate.
-    Connect {
+    /// Connect + login as fast as possible with --inflight at once; no retries.
+    Storm {
         #[arg(long, default_value_t = 18_000)]
         n: usize,
+        #[arg(long, default_value_t = 512)]
+        inflight: usize,
     },
-    /// W3: room fan-out.
+    /// M members join one room; a publisher sends messages to it.
     Fanout {
         #[arg(long, default_value_t = 10_000)]
         members: usize,
         #[arg(long, default_value_t = 1_000)]
-        messages: usize,
+        messages: u64,
+        /// Body bytes of each message.
         #[arg(long, default_value_t = 128)]
         size: usize,
+        /// Messages per second (0: as fast as --window unacked uplinks allow).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        #[arg(long, default_value_t = 512)]
+        inflight: usize,
+        /// Seconds to wait for the last deliveries after the last publish.
+        #[arg(long, default_value_t = 30)]
+        drain: u64,
     },
-    /// W4: uplink round trips at a fixed rate.
+    /// C clients send echo uplinks at a fixed total rate (open loop): uplink -> ack and
+    /// uplink -> echoed downlink.
     Rtt {
         #[arg(long, default_value_t = 1_000)]
         clients: usize,
-        #[arg(long, default_value_t = 20_000)]
-        rate: u64,
+        /// Messages per second over all clients.
+        #[arg(long, default_value_t = 20_000.0)]
+        rate: f64,
+        /// Seconds per rate (per step with --find-max).
         #[arg(long, default_value_t = 30)]
         secs: u64,
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        /// Double the rate each step while nothing is lost, senders keep their schedule
+        /// (>= 97 % sent on time) and p99 stays within --p99-limit-ms.
+        #[arg(long)]
+        find_max: bool,
+        #[arg(long, default_value_t = 50.0)]
+        p99_limit_ms: f64,
+        #[arg(long, default_value_t = 1_000_000.0)]
+        max_rate: f64,
+        #[arg(long, default_value_t = 512)]
+        inflight: usize,
+    },
+    /// N clients exchange direct messages while every connection is cut (at once or in
+    /// waves); all reconnect and resume; nothing may be lost or duplicated.
+    ResumeStorm {
+        #[arg(long, default_value_t = 18_000)]
+        n: usize,
+        /// Messages each client sends to the next.
+        #[arg(long, default_value_t = 10)]
+        messages: u64,
+        /// Seconds over which each client's messages are spread.
+        #[arg(long, default_value_t = 4.0)]
+        send_secs: f64,
+        /// When the first cut comes, ms after sending starts.
+        #[arg(long, default_value_t = 2_000)]
+        cut_at_ms: u64,
+        #[arg(long, default_value_t = 1)]
+        waves: usize,
+        #[arg(long, default_value_t = 500)]
+        wave_gap_ms: u64,
+        /// Seconds allowed until every message is in.
+        #[arg(long, default_value_t = 60)]
+        recover: u64,
+        /// Reconnect backoff ceiling of the clients, ms (their reconnects spread over it).
+        #[arg(long, default_value_t = 1_000)]
+        backoff_ms: u64,
+        #[arg(long, default_value_t = 512)]
+        inflight: usize,
     },
 }
 
-// ---- /proc readings ----
-
-fn read(p: &str) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
-
-fn status_kb(pid: u32, key: &str) -> u64 {
-    read(&format!("/proc/{pid}/status"))
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|r| {
-            r.trim_start_matches(':')
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
-/// utime + stime of a process, in clock ticks (1/100 s).
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = read(&format!("/proc/{pid}/stat"));
-    let Some(r) = s.rfind(')') else { return 0 };
-    let f: Vec<&str> = s[r + 2..].split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Snap {
-    rss_kb: u64,
-    anon_kb: u64,
-    cpu: u64,
-    own_cpu: u64,
-    /// Voluntary context switches of all the gateway's threads: how often a thread went to
-    /// sleep and had to be woken.
-    wakeups: u64,
-}
-
-/// Counts the gateway's system calls while it lives: `perf stat -e raw_syscalls:sys_enter`
-/// attached to the pid (perf must be installed; without it the count is absent).
-struct SyscallCounter {
-    child: std::process::Child,
-    out: std::path::PathBuf,
-}
-
-impl SyscallCounter {
-    fn start(pid: Option<u32>) -> Option<SyscallCounter> {
-        let pid = pid?;
-        let out = std::env::temp_dir().join(format!("tether-loadtest-perf-{}", std::process::id()));
-        let child = std::process::Command::new("perf")
-            .args([
-                "stat",
-                "-x,",
-                "-e",
-                "raw_syscalls:sys_enter",
-                "-p",
-                &pid.to_string(),
-                "-o",
-            ])
-            .arg(&out)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        // perf needs a moment to attach.
-        std::thread::sleep(Duration::from_millis(300));
-        Some(SyscallCounter { child, out })
-    }
-
-    fn stop(mut self) -> Option<u64> {
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        let text = read(&self.out.to_string_lossy());
-        let _ = std::fs::remove_file(&self.out);
-        text.lines()
-            .find(|l| l.contains("raw_syscalls:sys_enter"))
-            .and_then(|l| l.split(',').next()?.trim().parse().ok())
-    }
-}
-
-fn voluntary_switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .map(|t| {
-            read(&t.path().join("status").to_string_lossy())
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
-fn snap(pid: Option<u32>) -> Snap {
-    let own = std::process::id();
-    match pid {
-        Some(p) => Snap {
-            rss_kb: status_kb(p, "VmRSS"),
-            anon_kb: status_kb(p, "RssAnon"),
-            cpu: cpu_ticks(p),
-            own_cpu: cpu_ticks(own),
-            wakeups: voluntary_switches(p),
-        },
-        None => Snap {
-            own_cpu: cpu_ticks(own),
-            ..Snap::default()
-        },
-    }
-}
-
-// ---- connections ----
-
-struct Ctx {
-    tls: Option<(
-        tokio_rustls::TlsConnector,
-        rustls_pki_types::ServerName<'static>,
-    )>,
-    addr: SocketAddr,
-    secret: String,
-    sources: Vec<IpAddr>,
-    prefix: String,
-}
-
-impl Ctx {
-    fn token(&self, user: &str, device: &str) -> String {
-        if self.secret.is_empty() {
-            return "dev".into();
-        }
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            + 24 * 3600;
-        tether_gateway::auth::mint_token(self.secret.as_bytes(), user, device, exp)
-    }
-
-    async fn connect(&self, i: usize) -> std::io::Result<Conn> {
-        let src = self.sources[i % self.sources.len()];
-        let sock = if src.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        sock.bind(SocketAddr::new(src, 0))?;
-        let s = sock.connect(self.addr).await?;
-        s.set_nodelay(true)?;
-        let io: Box<dyn Io> = match &self.tls {
-            None => Box::new(s),
-            Some((connector, name)) => Box::new(connector.connect(name.clone(), s).await?),
-        };
-        Ok(Framed::new(io, TetherCodec::default()))
-    }
-
-    /// Connects and logs in as user `{prefix}{i}`.
-    async fn login(&self, i: usize) -> Result<(Conn, pb::LoginResult), String> {
-        let user = format!("{}{i}", self.prefix);
-        let mut c = self.connect(i).await.map_err(|e| format!("connect: {e}"))?;
-        let login = pb::Login {
-            token: self.token(&user, "d"),
-            user_id: user,
-            device_id: "d".into(),
-            platform: pb::Platform::Android as i32,
-            client_version: "tether-loadtest".into(),
-            ..Default::default()
-        };
-        c.send(Frame::new(Header::Login(Box::new(login))))
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        match c.next().await {
-            Some(Ok(Frame {
-                header: Header::LoginResult(r),
-                ..
-            })) if r.code == ErrorCode::Ok as i32 => Ok((c, *r)),
-            Some(Ok(f)) => Err(format!("login refused: {:?}", f.header)),
-            Some(Err(e)) => Err(format!("recv: {e}")),
-            None => Err("closed before LOGIN_RESULT".into()),
+impl Scenario {
+    fn name(&self) -> &'static str {
+        match self {
+            Scenario::Hold { .. } => "hold",
+            Scenario::Storm { .. } => "storm",
+            Scenario::Fanout { .. } => "fanout",
+            Scenario::Rtt { .. } => "rtt",
+            Scenario::ResumeStorm { .. } => "resume-storm",
         }
     }
-}
 
-fn hist() -> Hist {
-    Arc::new(std::sync::Mutex::new(
-        Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
-    ))
-}
-
-fn record(h: &Hist, us: u64) {
-    if let Ok(mut h) = h.lock() {
-        let _ = h.record(us.max(1));
-    }
-}
-
-fn pcts(name: &str, h: &Hist) -> String {
-    let h = h.lock().expect("histogram lock");
-    format!(
-        "{name}_n={} {name}_p50_us={} {name}_p99_us={} {name}_p999_us={} {name}_max_us={}",
-        h.len(),
-        h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99),
-        h.value_at_quantile(0.999),
-        h.max()
-    )
-}
-
-fn cpu_report(a: Snap, b: Snap, wall: f64) -> String {
-    let srv = (b.cpu - a.cpu) as f64 / 100.0;
-    let cli = (b.own_cpu - a.own_cpu) as f64 / 100.0;
-    format!(
-        "wall_s={wall:.2} srv_cpu_s={srv:.2} srv_cpu_pct={:.0} cli_cpu_s={cli:.2}",
-        100.0 * srv / wall.max(1e-9)
-    )
-}
-
-/// Opens `n` logged-in connections with at most `inflight` connects at once; each is then
-/// handed to `run`. Returns (ok, failed, connect histogram, wall time of the phase).
-async fn flood<F, Fut>(
-    ctx: &Arc<Ctx>,
-    n: usize,
-    inflight: usize,
-    deadline: Duration,
-    run: F,
-) -> (usize, usize, Hist, f64)
-where
-    F: Fn(usize, Conn, pb::LoginResult) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let sem = Arc::new(Semaphore::new(inflight.max(1)));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let h = hist();
-    let run = Arc::new(run);
-    let start = Instant::now();
-    for i in 0..n {
-        let permit = sem.clone().acquire_owned().await.expect("semaphore open");
-        let (ctx, ok, failed, h, run) = (
-            ctx.clone(),
-            ok.clone(),
-            failed.clone(),
-            h.clone(),
-            run.clone(),
-        );
-        tokio::spawn(async move {
-            let t = Instant::now();
-            match tokio::time::timeout(Duration::from_secs(30), ctx.login(i)).await {
-                Ok(Ok((c, r))) => {
-                    record(&h, t.elapsed().as_micros() as u64);
-                    ok.fetch_add(1, Ordering::SeqCst);
-                    drop(permit);
-                    run(i, c, r).await;
-                }
-                Ok(Err(e)) => {
-                    if failed.fetch_add(1, Ordering::SeqCst) < 5 {
-                        eprintln!("connection {i}: {e}");
-                    }
-                }
-                Err(_) => {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        });
-        if start.elapsed() > deadline {
-            break;
+    /// Connections the scenario opens (spread over workers; fan-out's publisher comes on
+    /// top, in worker 0).
+    fn connections(&self) -> usize {
+        match self {
+            Scenario::Hold { n, .. } | Scenario::Storm { n, .. } => *n,
+            Scenario::ResumeStorm { n, .. } => *n,
+            Scenario::Fanout { members, .. } => *members,
+            Scenario::Rtt { clients, .. } => *clients,
         }
     }
-    let mut last = Instant::now();
-    while ok.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst) < n
-        && start.elapsed() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if last.elapsed() >= Duration::from_secs(1) {
-            last = Instant::now();
-            eprintln!(
-                "  connected {} / {n} (failed {})",
-                ok.load(Ordering::SeqCst),
-                failed.load(Ordering::SeqCst)
-            );
-        }
-    }
-    let wall = start.elapsed().as_secs_f64();
-    (
-        ok.load(Ordering::SeqCst),
-        failed.load(Ordering::SeqCst),
-        h,
-        wall,
-    )
-}
 
-/// A (count, last time) pair on its own cache line.
-#[derive(Default)]
-#[repr(align(128))]
-struct Padded(AtomicU64, AtomicU64);
-
-fn chat_body(target: Option<chat_message::Target>, stamp_ns: u64, size: usize) -> Bytes {
-    let mut text = format!("{stamp_ns:020}");
-    while text.len() < size.saturating_sub(8) {
-        text.push('.');
-    }
-    ChatMessage {
-        target,
-        content: Some(chat_message::Content::Text(Text { text })),
-        ..Default::default()
-    }
-    .encode_to_vec()
-    .into()
-}
-
-/// The send stamp in a chat body made by [`chat_body`].
-fn stamp_of(body: &[u8]) -> Option<u64> {
-    match ChatMessage::decode(body).ok()?.content? {
-        chat_message::Content::Text(t) => t.text.get(..20)?.parse().ok(),
-        _ => None,
-    }
-}
-
-// ---- workloads ----
-
-async fn idle(cli: &Cli, ctx: Arc<Ctx>, n: usize, hold: u64, heartbeat: u64) {
-    let before = snap(cli.pid);
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let hb = hist();
-    let hb_fail = Arc::new(AtomicU64::new(0));
-    let (stop2, hb2, hb_fail2) = (stop.clone(), hb.clone(), hb_fail.clone());
-    let (ok, failed, _, setup) = flood(&ctx, n, cli.inflight, Duration::from_secs(cli.phase_timeout), move |i, mut c, _| {
-        let (stop, hb, hb_fail) = (stop2.clone(), hb2.clone(), hb_fail2.clone());
-        async move {
-            let stopped = stop.notified();
-            tokio::pin!(stopped);
-            // Spread the connections' PINGs over the period (logins complete within a second,
-            // so intervals started at login would PING in bursts of thousands).
-            let period = Duration::from_secs(heartbeat.max(1));
-            let phase = period.mul_f64((i.wrapping_mul(7919) % 1000) as f64 / 1000.0);
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tick.tick() => {
-                        let t = Instant::now();
-                        if c.send(Frame::new(Header::Ping(pb::Ping {}))).await.is_err() {
-                            hb_fail.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                        loop {
-                            match tokio::time::timeout(Duration::from_secs(10), c.next()).await {
-                                Ok(Some(Ok(Frame { header: Header::Pong(_), .. }))) => {
-                                    record(&hb, t.elapsed().as_micros() as u64);
-                                    break;
-                                }
-                                Ok(Some(Ok(_))) => continue,
-                                _ => {
-                                    hb_fail.fetch_add(1, Ordering::Relaxed);
-                                    return;
-                                }
-                            }
-                        }
-                    }
+    fn params(&self) -> BTreeMap<String, serde_json::Value> {
+        let text = format!("{self:?}");
+        let mut out = BTreeMap::new();
+        // `Name { a: 1, b: 2 }` -> {a: "1", b: "2"}: the Debug form is the one place that
+        // lists every flag.
+        if let Some(body) = text.split_once('{').map(|x| x.1.trim_end_matches('}')) {
+            for kv in body.split(',') {
+                if let Some((k, v)) = kv.split_once(':') {
+                    out.insert(k.trim().to_string(), json!(v.trim()));
                 }
             }
         }
-    })
-    .await;
-    // Let the last logins settle before reading memory.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = snap(cli.pid);
-    let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(hold)).await;
-    let end = snap(cli.pid);
-    stop.notify_waiters();
-    let per = |a: u64, b: u64| (b.saturating_sub(a) * 1024) / ok.max(1) as u64;
-    println!(
-        "W1 server=tether n={n} ok={ok} fail={failed} setup_s={setup:.1} rss_before_kb={} rss_held_kb={} rss_per_conn_B={} anon_before_kb={} anon_held_kb={} anon_per_conn_B={} hb_fail={} {} {}",
-        before.rss_kb,
-        held.rss_kb,
-        per(before.rss_kb, held.rss_kb),
-        before.anon_kb,
-        held.anon_kb,
-        per(before.anon_kb, held.anon_kb),
-        hb_fail.load(Ordering::Relaxed),
-        pcts("hb", &hb),
-        cpu_report(held, end, t.elapsed().as_secs_f64()),
-    );
-}
-
-async fn connect_rate(cli: &Cli, ctx: Arc<Ctx>, n: usize) {
-    let a = snap(cli.pid);
-    let keep = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let keep2 = keep.clone();
-    let (ok, failed, h, wall) = flood(
-        &ctx,
-        n,
-        cli.inflight,
-        Duration::from_secs(cli.phase_timeout),
-        move |_, c, _| {
-            let keep = keep2.clone();
-            async move {
-                if let Ok(mut k) = keep.lock() {
-                    k.push(c);
-                }
-            }
-        },
-    )
-    .await;
-    let b = snap(cli.pid);
-    println!(
-        "W2 server=tether n={n} inflight={} ok={ok} fail={failed} conn_per_s={:.0} {} {}",
-        cli.inflight,
-        ok as f64 / wall,
-        pcts("connect", &h),
-        cpu_report(a, b, wall)
-    );
-}
-
-async fn fanout(cli: &Cli, ctx: Arc<Ctx>, members: usize, messages: usize, size: usize) {
-    let base = Instant::now();
-    // Deliveries and the time of the last one, sharded by member so that 10 M counts do
-    // not all land on one cache line.
-    const SHARDS: usize = 64;
-    let received: Arc<Vec<Padded>> = Arc::new((0..SHARDS).map(|_| Padded::default()).collect());
-    let total = |r: &[Padded]| r.iter().map(|p| p.0.load(Ordering::Relaxed)).sum::<u64>();
-    let lat = hist();
-    let joined = Arc::new(AtomicUsize::new(0));
-    let (r2, lat2, j2) = (received.clone(), lat.clone(), joined.clone());
-    let (ok, failed, _, _) = flood(
-        &ctx,
-        members,
-        cli.inflight,
-        Duration::from_secs(cli.phase_timeout),
-        move |i, mut c, _| {
-            let (received, lat, joined) = (r2.clone(), lat2.clone(), j2.clone());
-            async move {
-                let join = Frame::new(Header::RoomJoin(Box::new(pb::RoomJoin {
-                    request_id: i as u64,
-                    room_id: "fanout".into(),
-                })));
-                if c.send(join).await.is_err() {
-                    return;
-                }
-                let mut since_ack = 0;
-                while let Ok(Some(Ok(f))) =
-                    tokio::time::timeout(Duration::from_secs(60), c.next()).await
-                {
-                    match f.header {
-                        Header::RoomResult(_) => {
-                            joined.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Header::Downlink(d) => {
-                            let now = base.elapsed().as_nanos() as u64;
-                            // A sample of the latencies (every 16th seq): decoding and
-                            // recording each of 10 M deliveries would make this process,
-                            // not the gateway, the bottleneck on 2 cores.
-                            if d.seq % 16 == 0 {
-                                if let Ok(body) =
-                                    f.decompressed_body(&tether_codec::Limits::default())
-                                {
-                                    if let Some(sent) = stamp_of(&body) {
-                                        record(&lat, now.saturating_sub(sent) / 1000);
-                                    }
-                                }
-                            }
-                            let shard = &received[i % SHARDS];
-                            shard.0.fetch_add(1, Ordering::Relaxed);
-                            shard.1.fetch_max(now, Ordering::Relaxed);
-                            since_ack += 1;
-                            if since_ack >= 32 {
-                                since_ack = 0;
-                                let _ = c
-                                    .send(Frame::new(Header::DownlinkAck(pb::DownlinkAck {
-                                        seq: d.seq,
-                                    })))
-                                    .await;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        },
-    )
-    .await;
-    let t = Instant::now();
-    while joined.load(Ordering::SeqCst) < ok && t.elapsed() < Duration::from_secs(cli.phase_timeout)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        out
     }
-    // The sender: a member too (only members may post), excluded from its own fan-out.
-    let (mut s, _) = match ctx.login(members + 1).await {
-        Ok(x) => x,
-        Err(e) => return eprintln!("sender: {e}"),
-    };
-    let join = Frame::new(Header::RoomJoin(Box::new(pb::RoomJoin {
-        request_id: 0,
-        room_id: "fanout".into(),
-    })));
-    let _ = s.send(join).await;
-    let _ = s.next().await;
-    let perf = SyscallCounter::start(cli.pid);
-    let a = snap(cli.pid);
-    let first = base.elapsed().as_nanos() as u64;
-    let (mut tx, mut rx) = s.split();
-    let acks = tokio::spawn(async move {
-        let mut n = 0;
-        while n < messages {
-            match tokio::time::timeout(Duration::from_secs(60), rx.next()).await {
-                Ok(Some(Ok(Frame {
-                    header: Header::UplinkAck(_),
-                    ..
-                }))) => n += 1,
-                Ok(Some(Ok(_))) => {}
-                _ => break,
-            }
-        }
-        n
-    });
-    for m in 0..messages {
-        let body = chat_body(
-            Some(chat_message::Target::ToRoom("fanout".into())),
-            base.elapsed().as_nanos() as u64,
-            size,
-        );
-        let f = Frame::with_body(
-            Header::Uplink(pb::Uplink {
-                msg_id: m as u64 + 1,
-                body_type: 0,
-            }),
-            body,
-        );
-        if tx.feed(f).await.is_err() {
-            break;
-        }
-    }
-    let _ = tx.flush().await;
-    let acked = acks.await.unwrap_or(0);
-    let expected = (ok * messages) as u64;
-    let t = Instant::now();
-    while total(&received) < expected && t.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let b = snap(cli.pid);
-    let syscalls = perf.and_then(SyscallCounter::stop).unwrap_or(0);
-    let got = total(&received);
-    let last_ns = received
-        .iter()
-        .map(|p| p.1.load(Ordering::Relaxed))
-        .max()
-        .unwrap_or(0);
-    let secs = (last_ns.saturating_sub(first)) as f64 / 1e9;
-    println!(
-        "W3 server=tether members={members} ok={ok} fail={failed} messages={messages} size={size} acked={acked} expected={expected} received={got} deliveries_per_s={:.0} srv_cpu_per_delivery_us={:.2} srv_syscalls={} srv_syscalls_per_delivery={:.4} srv_wakeups={} srv_wakeups_per_delivery={:.4} {} {}",
-        got as f64 / secs.max(1e-9),
-        (b.cpu - a.cpu) as f64 * 10_000.0 / got.max(1) as f64,
-        syscalls,
-        syscalls as f64 / got.max(1) as f64,
-        b.wakeups - a.wakeups,
-        (b.wakeups - a.wakeups) as f64 / got.max(1) as f64,
-        pcts("lat", &lat),
-        cpu_report(a, b, secs)
-    );
 }
 
-async fn rtt(cli: &Cli, ctx: Arc<Ctx>, clients: usize, rate: u64, secs: u64) {
-    let base = Instant::now();
-    let ack = hist();
-    let echo = hist();
-    let sent = Arc::new(AtomicU64::new(0));
-    let acked = Arc::new(AtomicU64::new(0));
-    let echoed = Arc::new(AtomicU64::new(0));
-    let go = Arc::new(tokio::sync::Notify::new());
-    let per_client = Duration::from_secs_f64(clients as f64 / rate.max(1) as f64);
-    let (a2, e2, s2, ac2, ec2, go2) = (
-        ack.clone(),
-        echo.clone(),
-        sent.clone(),
-        acked.clone(),
-        echoed.clone(),
-        go.clone(),
-    );
-    let (ok, failed, _, _) = flood(
-        &ctx,
-        clients,
-        cli.inflight,
-        Duration::from_secs(cli.phase_timeout),
-        move |i, c, _| {
-            let (ack, echo, sent, acked, echoed, go) = (
-                a2.clone(),
-                e2.clone(),
-                s2.clone(),
-                ac2.clone(),
-                ec2.clone(),
-                go2.clone(),
-            );
-            async move {
-                go.notified().await;
-                // Spread the clients' ticks evenly over one period, as independent clients
-                // would be: started in lockstep they send in bursts of `clients` messages.
-                tokio::time::sleep(per_client.mul_f64(i as f64 / clients.max(1) as f64)).await;
-                let (mut tx, mut rx) = c.split();
-                let pending = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
-                    u64,
-                    Instant,
-                >::new()));
-                let p2 = pending.clone();
-                let reader = tokio::spawn(async move {
-                    while let Ok(Some(Ok(f))) =
-                        tokio::time::timeout(Duration::from_secs(secs + 15), rx.next()).await
-                    {
-                        match f.header {
-                            Header::UplinkAck(a) => {
-                                if let Some(t) =
-                                    p2.lock().ok().and_then(|mut p| p.remove(&a.msg_id))
-                                {
-                                    record(&ack, t.elapsed().as_micros() as u64);
-                                    acked.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            Header::Downlink(_) => {
-                                if let Some(s) = stamp_of(&f.body) {
-                                    record(
-                                        &echo,
-                                        (base.elapsed().as_nanos() as u64).saturating_sub(s) / 1000,
-                                    );
-                                }
-                                echoed.fetch_add(1, Ordering::Relaxed);
-                            }
-                            _ => {}
-                        }
-                    }
-                });
-                let mut tick = tokio::time::interval(per_client);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                let end = Instant::now() + Duration::from_secs(secs);
-                let mut id = 0u64;
-                while Instant::now() < end {
-                    tick.tick().await;
-                    id += 1;
-                    let body = chat_body(None, base.elapsed().as_nanos() as u64, 64);
-                    if let Ok(mut p) = pending.lock() {
-                        p.insert(id, Instant::now());
-                    }
-                    let f = Frame::with_body(
-                        Header::Uplink(pb::Uplink {
-                            msg_id: id,
-                            body_type: 0,
-                        }),
-                        body,
-                    );
-                    if tx.send(f).await.is_err() {
-                        break;
-                    }
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    // Ack echoes now and then so the session buffer stays small.
-                    if id % 16 == 0 {
-                        let _ = tx
-                            .send(Frame::new(Header::DownlinkAck(pb::DownlinkAck {
-                                seq: u64::MAX,
-                            })))
-                            .await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                reader.abort();
-            }
-        },
-    )
-    .await;
-    let a = snap(cli.pid);
-    go.notify_waiters();
-    let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs + 6)).await;
-    let b = snap(cli.pid);
-    let s = sent.load(Ordering::Relaxed);
-    println!(
-        "W4 server=tether clients={clients} ok={ok} fail={failed} rate={rate} secs={secs} sent={s} sent_per_s={:.0} acked={} echoed={} lost={} {} {} {}",
-        s as f64 / secs as f64,
-        acked.load(Ordering::Relaxed),
-        echoed.load(Ordering::Relaxed),
-        s.saturating_sub(acked.load(Ordering::Relaxed)),
-        pcts("ack_rtt", &ack),
-        pcts("echo_rtt", &echo),
-        cpu_report(a, b, t.elapsed().as_secs_f64())
-    );
-}
-
-fn main() {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("a tokio runtime");
-    let tls = cli.tls_ca.as_ref().map(|path| {
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pki_types::CertificateDer::pem_file_iter(path).expect("a PEM file") {
-            roots
-                .add(cert.expect("a PEM certificate"))
-                .expect("a usable certificate");
+        .expect("a runtime");
+    if let Some(w) = cli.worker.clone() {
+        return rt.block_on(run_worker(cli, w[0], w[1]));
+    }
+    match rt.block_on(coordinate(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether-loadtest: {e}");
+            std::process::ExitCode::from(2)
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls_pki_types::ServerName::try_from(cli.tls_server_name.clone())
-            .expect("a server name");
-        (tokio_rustls::TlsConnector::from(Arc::new(config)), name)
-    });
-    let ctx = Arc::new(Ctx {
-        tls,
-        addr: cli.addr,
-        secret: cli.secret.clone(),
-        sources: if cli.sources.is_empty() {
-            vec![IpAddr::from([127, 0, 0, 1])]
-        } else {
-            cli.sources.clone()
-        },
+    }
+}
+
+fn net_of(cli: &Cli) -> Result<worker::Net, String> {
+    let sources = plan::parse_sources(&cli.sources)?;
+    let tls = match &cli.tls_ca {
+        None => None,
+        Some(p) => {
+            let pem = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            Some(
+                tether_client::TlsConfig::with_root_pem(&cli.tls_server_name, &pem)
+                    .map_err(|e| format!("{e:?}"))?,
+            )
+        }
+    };
+    let (heartbeat, backoff) = match &cli.scenario {
+        Scenario::Hold { heartbeat, .. } => (heartbeat.map(Duration::from_secs_f64), 1_000),
+        Scenario::ResumeStorm { backoff_ms, .. } => (None, *backoff_ms),
+        _ => (None, 1_000),
+    };
+    Ok(worker::Net {
+        addr: cli.addr.clone(),
+        sources: std::sync::Arc::new(sources),
         prefix: cli.prefix.clone(),
-    });
-    rt.block_on(async {
-        match cli.cmd {
-            Workload::Idle { n, hold, heartbeat } => idle(&cli, ctx, n, hold, heartbeat).await,
-            Workload::Connect { n } => connect_rate(&cli, ctx, n).await,
-            Workload::Fanout {
-                members,
-                messages,
-                size,
-            } => fanout(&cli, ctx, members, messages, size).await,
-            Workload::Rtt {
-                clients,
-                rate,
-                secs,
-            } => rtt(&cli, ctx, clients, rate, secs).await,
+        secret: cli.secret.clone(),
+        tls,
+        connect_timeout: Duration::from_secs(cli.connect_timeout),
+        heartbeat,
+        backoff: Duration::from_millis(backoff.max(1)),
+    })
+}
+
+async fn run_worker(cli: Cli, index: usize, count: usize) -> std::process::ExitCode {
+    let net = match net_of(&cli) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("tether-loadtest worker {index}: {e}");
+            return std::process::ExitCode::from(2);
         }
-    });
-    rt.shutdown_timeout(Duration::from_secs(1));
+    };
+    let total = cli.scenario.connections();
+    let range = plan::split(total, count)
+        .get(index)
+        .cloned()
+        .unwrap_or(0..0);
+    let share = scenario::Share {
+        index,
+        range,
+        total,
+    };
+    let mut ctl = worker::Ctl::new();
+    let mut part = scenario::run(&cli.scenario, net, share, &mut ctl).await;
+    let own = sys::proc_stats(&[std::process::id()]);
+    part.count("client_cpu_ms", (own.cpu_secs * 1e3) as u64);
+    part.count("client_rss_bytes", own.rss_bytes);
+    worker::Ctl::send(&Msg::Done { part });
+    std::process::ExitCode::SUCCESS
+}
+
+/// Is `addr` (host:port) on this machine's loopback?
+fn is_loopback(addr: &str) -> bool {
+    use std::net::ToSocketAddrs as _;
+    addr.to_socket_addrs()
+        .map(|mut a| a.all(|a| a.ip().is_loopback()))
+        .unwrap_or(false)
+}
+
+/// What the coordinator reads of the gateway at one moment.
+#[derive(Clone, Debug, Default)]
+struct ServerSnap {
+    at: Option<Instant>,
+    proc: sys::ProcStats,
+    slab: u64,
+    metrics: BTreeMap<String, f64>,
+    clients: sys::ProcStats,
+    machine: sys::MachineCpu,
+}
+
+async fn server_snap(cli: &Cli, worker_pids: &[u32]) -> ServerSnap {
+    let pids: Vec<u32> = cli
+        .gateway_pid
+        .iter()
+        .flat_map(|p| sys::descendants(*p))
+        .collect();
+    let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
+    for a in &cli.admin {
+        if let Ok(m) = sys::scrape_metrics(*a).await {
+            for (k, v) in m {
+                *metrics.entry(k).or_default() += v;
+            }
+        }
+    }
+    ServerSnap {
+        at: Some(Instant::now()),
+        proc: sys::proc_stats(&pids),
+        slab: sys::slab_bytes(),
+        metrics,
+        clients: sys::proc_stats(worker_pids),
+        machine: sys::machine_cpu(),
+    }
+}
+
+struct Live {
+    bar: indicatif::ProgressBar,
+    plain: bool,
+    last_plain: Instant,
+    started: Instant,
+}
+
+impl Live {
+    fn new(cli: &Cli, total: u64) -> Live {
+        let plain = cli.no_progress || !std::io::stderr().is_terminal();
+        let bar = if plain {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} conn  {msg}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            b
+        };
+        Live {
+            bar,
+            plain,
+            last_plain: Instant::now(),
+            started: Instant::now(),
+        }
+    }
+
+    fn show(&mut self, phase: &str, conns: u64, rate: u64, p99_ms: f64, failed: u64) {
+        let msg = format!("{phase}  {rate}/s  p99 {p99_ms:.2} ms  failed {failed}");
+        if self.plain {
+            if self.last_plain.elapsed() >= Duration::from_secs(10) {
+                self.last_plain = Instant::now();
+                eprintln!(
+                    "[{:>5.0}s] {conns} conn  {msg}",
+                    self.started.elapsed().as_secs_f64()
+                );
+            }
+        } else {
+            self.bar.set_position(conns);
+            self.bar.set_message(msg);
+        }
+    }
+}
+
+async fn coordinate(cli: Cli) -> Result<(), String> {
+    if !cli.allow_remote && !is_loopback(&cli.addr) {
+        return Err(format!(
+            "{} is not a loopback address (pass --allow-remote to load another machine)",
+            cli.addr
+        ));
+    }
+    let net = net_of(&cli)?;
+    let total = cli.scenario.connections();
+    let need = plan::sources_needed(total, plan::PORTS_PER_SOURCE);
+    if net.sources.len() < need {
+        return Err(format!(
+            "{total} connections need at least {need} source addresses (about {} ephemeral \
+             ports each): pass e.g. --sources 127.0.0.1-127.0.0.{need}",
+            plan::PORTS_PER_SOURCE
+        ));
+    }
+    let workers = if cli.workers > 0 {
+        cli.workers
+    } else {
+        plan::workers_for(total, cli.per_worker)
+    };
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let started_unix_ms = worker::now_us() / 1_000;
+    let started = Instant::now();
+    let mut snaps: BTreeMap<String, ServerSnap> = BTreeMap::new();
+    snaps.insert("start".into(), server_snap(&cli, &[]).await);
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Option<Msg>)>();
+    let mut children = Vec::new();
+    let mut stdins = Vec::new();
+    let mut pids = Vec::new();
+    for w in 0..workers {
+        let mut child = tokio::process::Command::new(&exe)
+            .arg("--worker")
+            .arg(w.to_string())
+            .arg(workers.to_string())
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting worker {w}: {e}"))?;
+        pids.push(child.id().unwrap_or(0));
+        stdins.push(child.stdin.take());
+        let stdout = child.stdout.take().expect("piped");
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<Msg>(&line) {
+                    Ok(m) => {
+                        let _ = tx.send((w, Some(m)));
+                    }
+                    Err(_) => eprintln!("worker {w}: {line}"),
+                }
+            }
+            let _ = tx.send((w, None));
+        });
+        children.push(child);
+    }
+    drop(tx);
+
+    let mut live = Live::new(&cli, total as u64);
+    let mut seconds: BTreeMap<u64, Second> = BTreeMap::new();
+    let mut last_ops: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut conns: BTreeMap<usize, i64> = BTreeMap::new();
+    let mut at_barrier: BTreeMap<usize, (String, Option<Part>)> = BTreeMap::new();
+    let mut merged = Part::default();
+    let mut done = 0usize;
+    let mut gone = 0usize;
+    let mut reported = std::collections::BTreeSet::new();
+    let mut steps: Vec<BTreeMap<String, serde_json::Value>> = Vec::new();
+    let mut phase = "connecting".to_string();
+    let mut step_rate = match &cli.scenario {
+        Scenario::Rtt { rate, .. } => *rate,
+        _ => 0.0,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(cli.max_secs);
+    let mut timed_out = false;
+    while done + gone < workers {
+        let (w, msg) = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => break },
+            () = tokio::time::sleep_until(deadline) => { timed_out = true; break; }
+        };
+        match msg {
+            // The end of a worker's output; lost unless its report came first.
+            None => {
+                if !reported.contains(&w) {
+                    gone += 1;
+                }
+            }
+            Some(Msg::Progress {
+                t_us,
+                connections,
+                ops,
+                hist,
+            }) => {
+                let t = t_us.saturating_sub(started_unix_ms * 1_000) / 1_000_000;
+                let s = seconds.entry(t).or_default();
+                s.connections.insert(w, connections.max(0) as u64);
+                let prev = last_ops.insert(w, ops).unwrap_or(0);
+                s.ops += ops.saturating_sub(prev);
+                if let Some(h) = hist.as_deref().and_then(|h| Hist::from_b64(h).ok()) {
+                    s.hist.merge(&h);
+                }
+                conns.insert(w, connections);
+                let up: i64 = conns.values().sum();
+                let (rate, p99) = seconds
+                    .range(..t)
+                    .next_back()
+                    .map(|(_, s)| (s.ops, s.hist.quantile(0.99) as f64 / 1e3))
+                    .unwrap_or((0, 0.0));
+                live.show(&phase, up.max(0) as u64, rate, p99, merged.failed());
+            }
+            Some(Msg::Barrier { name, part }) => {
+                at_barrier.insert(w, (name.clone(), part));
+                if at_barrier.len() + done + gone == workers {
+                    snaps.insert(name.clone(), server_snap(&cli, &pids).await);
+                    let answer = if name == "step" {
+                        let mut p = Part::default();
+                        for (_, sp) in at_barrier.values() {
+                            if let Some(sp) = sp {
+                                p.merge(sp)?;
+                            }
+                        }
+                        let (row, held) = rtt_step(&cli, step_rate, &p);
+                        steps.push(row);
+                        match (&cli.scenario, held) {
+                            (
+                                Scenario::Rtt {
+                                    find_max: true,
+                                    max_rate,
+                                    ..
+                                },
+                                _,
+                            ) => match plan::next_step(step_rate, held, *max_rate) {
+                                Some(r) => {
+                                    step_rate = r;
+                                    format!("go {r}")
+                                }
+                                None => "stop".to_string(),
+                            },
+                            _ => "stop".to_string(),
+                        }
+                    } else {
+                        "go".to_string()
+                    };
+                    phase = format!("after {name}");
+                    for s in stdins.iter_mut().flatten() {
+                        let _ = s.write_all(format!("{answer}\n").as_bytes()).await;
+                        let _ = s.flush().await;
+                    }
+                    at_barrier.clear();
+                }
+            }
+            Some(Msg::Done { part }) => {
+                merged.merge(&part)?;
+                reported.insert(w);
+                done += 1;
+            }
+        }
+    }
+    live.bar.finish_and_clear();
+    if timed_out {
+        for c in &mut children {
+            let _ = c.start_kill();
+        }
+        eprintln!(
+            "tether-loadtest: --max-secs {} passed; workers killed",
+            cli.max_secs
+        );
+    }
+    for c in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+    }
+    snaps.insert("end".into(), server_snap(&cli, &[]).await);
+    let mut r = Report {
+        scenario: cli.scenario.name().into(),
+        started_unix_ms,
+        wall_secs: started.elapsed().as_secs_f64(),
+        workers,
+        params: cli.scenario.params(),
+        counters: merged.counters.clone(),
+        failures: merged.failures.clone(),
+        steps,
+        series: report::series(&seconds),
+        ..Default::default()
+    };
+    for (k, _) in merged.hists.iter() {
+        r.latencies.insert(k.clone(), merged.hist(k).summary());
+    }
+    if gone > 0 || timed_out {
+        r.figure("workers lost", (gone + usize::from(timed_out)) as u64);
+    }
+    summarize(&cli, &merged, &snaps, &mut r);
+    r.figure(
+        "load tester CPU (s, all workers)",
+        merged.counter("client_cpu_ms") as f64 / 1e3,
+    );
+    r.figure(
+        "load tester RSS (bytes, all workers)",
+        merged.counter("client_rss_bytes"),
+    );
+    println!("{}", r.table());
+    if let Some(p) = &cli.json {
+        let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    if let Some(p) = &cli.plot {
+        let rate_label = match &cli.scenario {
+            Scenario::Hold { .. } => "heartbeats/s",
+            Scenario::Storm { .. } => "logins/s",
+            Scenario::Fanout { .. } => "deliveries/s",
+            Scenario::Rtt { .. } => "echoes/s",
+            Scenario::ResumeStorm { .. } => "deliveries/s",
+        };
+        plot::plot(
+            p,
+            &format!("tether-loadtest {}", r.scenario),
+            rate_label,
+            &r.series,
+        )?;
+    }
+    if gone > 0 || timed_out {
+        return Err(format!("{gone} worker(s) ended without a report"));
+    }
+    Ok(())
+}
+
+/// One `rtt` step's row, and whether it held: nothing lost, >= 97 % of the due messages
+/// sent no later than 10 ms after their time, p99 (uplink -> echo) within the limit.
+fn rtt_step(cli: &Cli, rate: f64, p: &Part) -> (BTreeMap<String, serde_json::Value>, bool) {
+    let limit = match &cli.scenario {
+        Scenario::Rtt { p99_limit_ms, .. } => *p99_limit_ms,
+        _ => f64::INFINITY,
+    };
+    let echo = p.hist("echo").summary();
+    let ack = p.hist("ack").summary();
+    let (sent, late, lost) = (
+        p.counter("sent"),
+        p.counter("late_sends"),
+        p.counter("lost"),
+    );
+    let on_time = if sent == 0 {
+        0.0
+    } else {
+        (sent - late.min(sent)) as f64 / sent as f64
+    };
+    let held = lost == 0
+        && p.counter("duplicates") == 0
+        && on_time >= 0.97
+        && (echo.p99_us as f64) / 1e3 <= limit
+        && sent > 0;
+    let mut row = BTreeMap::new();
+    row.insert("rate".into(), json!(rate));
+    row.insert("sent".into(), json!(sent));
+    row.insert("on_time".into(), json!(on_time));
+    row.insert("lost".into(), json!(lost));
+    row.insert("dup".into(), json!(p.counter("duplicates")));
+    row.insert("ack_p50_ms".into(), json!(ack.p50_us as f64 / 1e3));
+    row.insert("ack_p99_ms".into(), json!(ack.p99_us as f64 / 1e3));
+    row.insert("echo_p50_ms".into(), json!(echo.p50_us as f64 / 1e3));
+    row.insert("echo_p99_ms".into(), json!(echo.p99_us as f64 / 1e3));
+    row.insert("echo_p999_ms".into(), json!(echo.p999_us as f64 / 1e3));
+    row.insert("held".into(), json!(held));
+    (row, held)
+}
+
+/// Server-side figures between two snapshots: RSS and slab growth per connection, CPU.
+fn server_between(
+    r: &mut Report,
+    snaps: &BTreeMap<String, ServerSnap>,
+    base: &str,
+    held: &str,
+    end: &str,
+    conns: u64,
+) {
+    let (Some(a), Some(b), Some(c)) = (snaps.get(base), snaps.get(held), snaps.get(end)) else {
+        return;
+    };
+    if b.proc.processes > 0 {
+        r.server.insert("processes".into(), json!(b.proc.processes));
+        r.server.insert("rss_bytes".into(), json!(b.proc.rss_bytes));
+        if conns > 0 {
+            let per = b.proc.rss_bytes.saturating_sub(a.proc.rss_bytes) as f64 / conns as f64;
+            r.server
+                .insert("rss_per_connection_bytes".into(), json!(per.round()));
+        }
+        let secs =
+            c.at.zip(b.at)
+                .map_or(0.0, |(c, b)| c.duration_since(b).as_secs_f64());
+        let cpu = c.proc.cpu_secs - b.proc.cpu_secs;
+        r.server
+            .insert(format!("cpu_secs_{held}_to_{end}"), json!(cpu));
+        if secs > 0.0 {
+            r.server.insert("cpu_cores_busy".into(), json!(cpu / secs));
+        }
+    }
+    if conns > 0 {
+        let slab = b.slab.saturating_sub(a.slab) as f64 / conns as f64;
+        r.server.insert(
+            "kernel_slab_per_connection_bytes".into(),
+            json!(slab.round()),
+        );
+    }
+    if c.clients.processes > 0 && b.clients.processes > 0 {
+        r.server.insert(
+            "client_cpu_secs".into(),
+            json!(c.clients.cpu_secs - b.clients.cpu_secs),
+        );
+    }
+    if !b.metrics.is_empty() {
+        let v = sys::metric_sum(&b.metrics, "tether_connections");
+        r.server
+            .insert("metrics tether_connections".into(), json!(v));
+    }
+    r.server.insert(
+        format!("machine_busy_secs_{held}_to_{end}"),
+        json!(c.machine.busy_secs - b.machine.busy_secs),
+    );
+    r.server.insert(
+        format!("machine_steal_secs_{held}_to_{end}"),
+        json!(c.machine.steal_secs - b.machine.steal_secs),
+    );
+}
+
+fn summarize(cli: &Cli, p: &Part, snaps: &BTreeMap<String, ServerSnap>, r: &mut Report) {
+    let n = cli.scenario.connections() as u64;
+    match &cli.scenario {
+        Scenario::Hold { hold, .. } => {
+            r.figure("connections asked", n);
+            r.figure("connections up", p.counter("up"));
+            r.figure("held at end", p.counter("held_at_end"));
+            r.figure(
+                "failed attempts",
+                p.failed() - p.counter("unexpected_disconnects"),
+            );
+            r.figure("gave up", p.counter("gave_up"));
+            r.figure(
+                "unexpected disconnects",
+                p.counter("unexpected_disconnects"),
+            );
+            r.figure("reconnects", p.counter("reconnects"));
+            if let Some(s) = p.span_secs("start", "login") {
+                r.figure("connect rate (conn/s)", p.counter("up") as f64 / s);
+            }
+            r.figure("hold (s)", *hold);
+            server_between(r, snaps, "start", "connected", "held", p.counter("up"));
+        }
+        Scenario::Storm { .. } => {
+            r.figure("connections asked", n);
+            r.figure("connections up", p.counter("up"));
+            r.figure("failed", p.failed());
+            if let Some(s) = p.span_secs("start", "login") {
+                r.figure("connections/s", p.counter("up") as f64 / s);
+            }
+            server_between(r, snaps, "start", "done", "end", p.counter("up"));
+        }
+        Scenario::Fanout { .. } => {
+            r.figure("members joined", p.counter("joined"));
+            r.figure("messages published", p.counter("published"));
+            r.figure("deliveries expected", p.counter("expected"));
+            r.figure("delivered", p.counter("delivered"));
+            r.figure("lost", p.counter("lost"));
+            r.figure("duplicated", p.counter("duplicates"));
+            if let Some(s) = p.span_secs("publish", "delivery") {
+                r.figure("deliveries/s", p.counter("delivered") as f64 / s);
+            }
+            server_between(r, snaps, "start", "joined", "drained", p.counter("joined"));
+            if let (Some(a), Some(b)) = (snaps.get("joined"), snaps.get("drained")) {
+                let d = p.counter("delivered");
+                if d > 0 && b.proc.processes > 0 {
+                    r.server.insert(
+                        "cpu_us_per_delivery".into(),
+                        json!((b.proc.cpu_secs - a.proc.cpu_secs) * 1e6 / d as f64),
+                    );
+                }
+            }
+        }
+        Scenario::Rtt { .. } => {
+            r.figure("clients", n);
+            r.figure("sent", p.counter("sent"));
+            r.figure("acked", p.counter("acked"));
+            r.figure("echoed", p.counter("echoed"));
+            r.figure("lost", p.counter("lost"));
+            r.figure("duplicated", p.counter("duplicates"));
+            r.figure("late sends (>10 ms)", p.counter("late_sends"));
+            if let Some(last) = r.steps.iter().rev().find(|s| s["held"] == json!(true)) {
+                r.figure("highest rate held (msg/s)", last["rate"].clone());
+            }
+            server_between(r, snaps, "start", "connected", "end", n);
+        }
+        Scenario::ResumeStorm { .. } => {
+            r.figure("connections up", p.counter("up"));
+            r.figure("cut", p.counter("cut"));
+            r.figure("resumed", p.counter("resumed"));
+            r.figure("not resumed", p.counter("not_resumed"));
+            r.figure("messages expected", p.counter("expected"));
+            r.figure("received", p.counter("received"));
+            r.figure("lost", p.counter("lost"));
+            r.figure("duplicated", p.counter("duplicates"));
+            r.figure("uplinks acked", p.counter("acked"));
+            r.figure("recovery timeouts", p.counter("recovery_timeouts"));
+            if let Some(s) = p.span_secs("cut", "recovered") {
+                r.figure("all reconnected after (s)", s);
+            }
+            if let Some(s) = p.span_secs("cut", "all_received") {
+                r.figure("all messages in after (s)", s);
+            }
+            server_between(r, snaps, "start", "connected", "recovered", p.counter("up"));
+        }
+    }
 }

@@ -1,0 +1,837 @@
+//! Readings of the machine and of the gateway under test.
+//!
+//! Everything here reads Linux `/proc` directly (no libc, no extra crates) or
+//! scrapes the gateway's Prometheus endpoint over plain HTTP/1.1. Nothing
+//! panics on missing or malformed files: readings that cannot be taken come
+//! back as zeros (or an `Err` for the scrape), so a load test keeps running
+//! on a machine without `/proc` or against a gateway that has gone away.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// CPU and memory of a set of processes, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProcStats {
+    /// Resident set size (`VmRSS`), summed over the live processes, in bytes.
+    pub rss_bytes: u64,
+    /// User plus system CPU time (`utime + stime`), summed, in seconds.
+    pub cpu_secs: f64,
+    /// How many of the pids were alive (readable and not zombies).
+    pub processes: u32,
+}
+
+/// Machine-wide CPU seconds from /proc/stat's "cpu " line.
+///
+/// All fields are cumulative since boot; take differences between two
+/// readings to get utilisation over an interval.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MachineCpu {
+    /// `user + nice + system + irq + softirq`, in seconds.
+    pub busy_secs: f64,
+    /// Time stolen by the hypervisor, in seconds.
+    pub steal_secs: f64,
+    /// `user + nice + system + idle + iowait + irq + softirq + steal`, in
+    /// seconds (guest time is already counted in user/nice, so it is not added
+    /// again).
+    pub total_secs: f64,
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), read without libc from
+/// the `AT_CLKTCK` entry of `/proc/self/auxv`; 100 if that cannot be read.
+fn clock_ticks_per_sec() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::fs::read("/proc/self/auxv")
+            .ok()
+            .and_then(|auxv| auxv_clktck(&auxv))
+            .filter(|&t| t > 0 && t <= 1_000_000)
+            .map_or(100.0, |t| t as f64)
+    })
+}
+
+/// Finds `AT_CLKTCK` (17) in a native-endian, native-word auxiliary vector.
+fn auxv_clktck(auxv: &[u8]) -> Option<u64> {
+    const AT_NULL: u64 = 0;
+    const AT_CLKTCK: u64 = 17;
+    let word = std::mem::size_of::<usize>();
+    let read = |b: &[u8]| -> u64 {
+        if word == 8 {
+            u64::from_ne_bytes(b.try_into().unwrap_or([0; 8]))
+        } else {
+            u64::from(u32::from_ne_bytes(b.try_into().unwrap_or([0; 4])))
+        }
+    };
+    for pair in auxv.chunks_exact(2 * word) {
+        let (key, value) = (read(&pair[..word]), read(&pair[word..]));
+        match key {
+            AT_NULL => return None,
+            AT_CLKTCK => return Some(value),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The fields of `/proc/<pid>/stat` that the load tester needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StatFields {
+    /// Field 3, e.g. `R`, `S`, `Z`.
+    state: char,
+    /// Field 4.
+    ppid: u32,
+    /// Field 14, in clock ticks.
+    utime: u64,
+    /// Field 15, in clock ticks.
+    stime: u64,
+}
+
+/// Parses a `/proc/<pid>/stat` line. The comm field (2) is in parentheses and
+/// may itself contain spaces and `)`, so the remaining fields are taken after
+/// the *last* `)`.
+fn parse_stat(text: &str) -> Option<StatFields> {
+    let rest = &text[text.rfind(')')? + 1..];
+    // `rest` starts at field 3, so field N is at index N - 3.
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    Some(StatFields {
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        utime: fields.get(11)?.parse().ok()?,
+        stime: fields.get(12)?.parse().ok()?,
+    })
+}
+
+/// Finds a `Key:   <n> kB` line in a `/proc` status-like file and returns it
+/// in bytes (a value without a unit is returned as is).
+fn parse_kb_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(key)?.strip_prefix(':')?;
+        let mut parts = value.split_ascii_whitespace();
+        let n: u64 = parts.next()?.parse().ok()?;
+        Some(match parts.next() {
+            Some(unit) if unit.eq_ignore_ascii_case("kb") => n.saturating_mul(1024),
+            _ => n,
+        })
+    })
+}
+
+/// Sums resident memory and CPU time over `pids`.
+///
+/// A pid counts as alive when its `/proc/<pid>/stat` is readable and it is
+/// not a zombie; dead pids contribute nothing. Duplicate pids are counted
+/// once. RSS comes from `VmRSS` in `/proc/<pid>/status` (absent for zombies
+/// and kernel threads, then 0); CPU from stat fields 14 and 15 divided by the
+/// clock tick rate.
+pub fn proc_stats(pids: &[u32]) -> ProcStats {
+    let mut seen = HashSet::with_capacity(pids.len());
+    let mut out = ProcStats::default();
+    let ticks = clock_ticks_per_sec();
+    for &pid in pids {
+        if !seen.insert(pid) {
+            continue;
+        }
+        let Some(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+        else {
+            continue;
+        };
+        if matches!(stat.state, 'Z' | 'X' | 'x') {
+            continue;
+        }
+        out.processes += 1;
+        out.cpu_secs += stat.utime.saturating_add(stat.stime) as f64 / ticks;
+        out.rss_bytes += std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| parse_kb_field(&s, "VmRSS"))
+            .unwrap_or(0);
+    }
+    out
+}
+
+/// Parses the whitespace-separated pids of a `/proc/<pid>/task/<tid>/children`
+/// file.
+fn parse_pid_list(text: &str) -> impl Iterator<Item = u32> + '_ {
+    text.split_ascii_whitespace().filter_map(|p| p.parse().ok())
+}
+
+/// Direct children of `pid` from `/proc/<pid>/task/*/children`, or `None`
+/// when the kernel does not provide those files (no `CONFIG_PROC_CHILDREN`)
+/// or the process is gone.
+fn children_of(pid: u32) -> Option<Vec<u32>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut kids = Vec::new();
+    let mut any = false;
+    for task in tasks.flatten() {
+        let mut path = task.path();
+        path.push("children");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            any = true;
+            kids.extend(parse_pid_list(&text));
+        }
+    }
+    any.then_some(kids)
+}
+
+/// Parent → children map built by scanning every `/proc/<pid>/stat`; the
+/// fallback when `children` files are unavailable.
+fn children_map_by_scan() -> HashMap<u32, Vec<u32>> {
+    let mut map: HashMap<u32, Vec<u32>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return map;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if let Some(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+        {
+            map.entry(stat.ppid).or_default().push(pid);
+        }
+    }
+    map
+}
+
+/// The pid itself plus all its descendants (children, grandchildren, …),
+/// `pid` first, then breadth-first.
+///
+/// Uses `/proc/<pid>/task/*/children` recursively; if the kernel lacks those
+/// files it falls back to scanning the parent pid of every process. `pid` is
+/// always in the result even if it no longer exists (`proc_stats` will then
+/// not count it).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut seen: HashSet<u32> = HashSet::from([pid]);
+    let mut queue = VecDeque::from([pid]);
+    let mut scanned: Option<HashMap<u32, Vec<u32>>> = None;
+    while let Some(p) = queue.pop_front() {
+        let kids = match children_of(p) {
+            Some(kids) => kids,
+            None if std::path::Path::new(&format!("/proc/{p}")).exists() => scanned
+                .get_or_insert_with(children_map_by_scan)
+                .get(&p)
+                .cloned()
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        for kid in kids {
+            if seen.insert(kid) {
+                out.push(kid);
+                queue.push_back(kid);
+            }
+        }
+    }
+    out
+}
+
+/// Kernel slab memory (`Slab:` in `/proc/meminfo`, which covers socket
+/// buffers' bookkeeping, dentries, …) in bytes; 0 if unreadable.
+pub fn slab_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| parse_kb_field(&s, "Slab"))
+        .unwrap_or(0)
+}
+
+/// Parses the aggregate `cpu ` line of `/proc/stat` (values in ticks).
+fn parse_proc_stat_cpu(text: &str, ticks: f64) -> MachineCpu {
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return MachineCpu::default();
+    };
+    let v: Vec<u64> = line
+        .split_ascii_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let f = |i: usize| v.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal guest guest_nice; sum
+    // in ticks, then convert, so the fields stay exact.
+    let busy = f(0) + f(1) + f(2) + f(5) + f(6);
+    let steal = f(7);
+    MachineCpu {
+        busy_secs: busy as f64 / ticks,
+        steal_secs: steal as f64 / ticks,
+        total_secs: (busy + f(3) + f(4) + steal) as f64 / ticks,
+    }
+}
+
+/// Machine-wide CPU seconds since boot from `/proc/stat`; zeros if unreadable.
+pub fn machine_cpu() -> MachineCpu {
+    std::fs::read_to_string("/proc/stat")
+        .map(|s| parse_proc_stat_cpu(&s, clock_ticks_per_sec()))
+        .unwrap_or_default()
+}
+
+/// Total time allowed for one scrape: connect, request and response.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Responses larger than this are refused rather than buffered.
+const MAX_RESPONSE: usize = 64 << 20;
+
+/// `GET http://<admin>/metrics` (plain HTTP/1.1 over `tokio::net::TcpStream`,
+/// `Connection: close`, 2 s timeout for the whole exchange) and parse the
+/// Prometheus text format with [`parse_prometheus`].
+///
+/// Bodies with `Content-Length`, with `Transfer-Encoding: chunked`, or
+/// delimited by the connection closing are all understood; the exchange
+/// ends as soon as the body is complete, even if the server keeps the
+/// connection open.
+///
+/// # Errors
+///
+/// A status other than 200, a malformed response, a timeout or a connection
+/// error gives an `Err` with a short description naming the address.
+pub async fn scrape_metrics(admin: SocketAddr) -> Result<BTreeMap<String, f64>, String> {
+    let body = tokio::time::timeout(SCRAPE_TIMEOUT, fetch_metrics(admin))
+        .await
+        .map_err(|_| format!("GET http://{admin}/metrics: timed out after 2 s"))??;
+    Ok(parse_prometheus(&String::from_utf8_lossy(&body)))
+}
+
+/// Performs the request and returns the decoded body of a 200 response.
+async fn fetch_metrics(admin: SocketAddr) -> Result<Vec<u8>, String> {
+    let err = |what: &str, e: std::io::Error| format!("GET http://{admin}/metrics: {what}: {e}");
+    let mut stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .map_err(|e| err("connect", e))?;
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nUser-Agent: tether-loadtest\r\n\
+         Accept: text/plain\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| err("write", e))?;
+    let mut buf = Vec::with_capacity(16 * 1024);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(|e| err("read", e))?;
+        if n > 0 {
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.len() > MAX_RESPONSE {
+                return Err(format!(
+                    "GET http://{admin}/metrics: response larger than {MAX_RESPONSE} bytes"
+                ));
+            }
+        }
+        // Stop as soon as the response is complete, even if the server keeps
+        // the connection open despite `Connection: close`.
+        match parse_http_response(&buf, n == 0) {
+            Ok(Some((200, body))) => return Ok(body),
+            Ok(Some((status, body))) => {
+                let text = String::from_utf8_lossy(&body);
+                let text = text.trim();
+                let text: String = text.chars().take(200).collect();
+                return Err(format!("GET http://{admin}/metrics: HTTP {status}: {text}"));
+            }
+            Ok(None) if n == 0 => {
+                // parse_http_response is always final at EOF; be defensive.
+                return Err(format!("GET http://{admin}/metrics: truncated response"));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("GET http://{admin}/metrics: {e}")),
+        }
+    }
+}
+
+/// Parses an HTTP/1.x response held in `buf`.
+///
+/// Returns `Ok(None)` while more bytes are needed (never when `eof`), else
+/// the status code and the decoded body.
+fn parse_http_response(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, String> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        return if eof {
+            Err("connection closed before the end of the response headers".into())
+        } else {
+            Ok(None)
+        };
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| "non-UTF-8 response headers")?;
+    let body = &buf[head_end + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.split_ascii_whitespace();
+    let version = parts.next().unwrap_or_default();
+    let status: u16 = match parts.next().map(str::parse) {
+        Some(Ok(s)) if version.starts_with("HTTP/1.") => s,
+        _ => return Err(format!("bad status line {status_line:?}")),
+    };
+    let mut chunked = false;
+    let mut content_length: Option<usize> = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let (name, value) = (name.trim(), value.trim());
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value
+                .rsplit(',')
+                .next()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(
+                value
+                    .parse()
+                    .map_err(|_| format!("bad Content-Length {value:?}"))?,
+            );
+        }
+    }
+    if chunked {
+        return match decode_chunked(body)? {
+            Some(decoded) => Ok(Some((status, decoded))),
+            None if eof => Err("connection closed in the middle of a chunked body".into()),
+            None => Ok(None),
+        };
+    }
+    match content_length {
+        Some(len) if body.len() >= len => Ok(Some((status, body[..len].to_vec()))),
+        Some(len) if eof => Err(format!(
+            "connection closed after {} of {len} body bytes",
+            body.len()
+        )),
+        Some(_) => Ok(None),
+        None if eof => Ok(Some((status, body.to_vec()))),
+        None => Ok(None),
+    }
+}
+
+/// Decodes an HTTP/1.1 chunked body (chunk extensions and trailers are
+/// ignored). `Ok(None)` means the input ends before the terminating chunk.
+fn decode_chunked(mut input: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    let mut out = Vec::with_capacity(input.len());
+    loop {
+        let Some(eol) = find(input, b"\n") else {
+            return Ok(None);
+        };
+        let line = std::str::from_utf8(&input[..eol]).map_err(|_| "non-UTF-8 chunk size line")?;
+        let size_text = line.trim_end_matches('\r');
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        input = &input[eol + 1..];
+        if size == 0 {
+            // Trailers (if any) follow until an empty line; their content is
+            // irrelevant, but wait for the final empty line.
+            loop {
+                let Some(eol) = find(input, b"\n") else {
+                    return Ok(None);
+                };
+                let trailer = &input[..eol];
+                input = &input[eol + 1..];
+                if trailer.is_empty() || trailer == b"\r" {
+                    return Ok(Some(out));
+                }
+            }
+        }
+        if input.len() < size {
+            return Ok(None);
+        }
+        out.extend_from_slice(&input[..size]);
+        input = &input[size..];
+        if input.starts_with(b"\r\n") {
+            input = &input[2..];
+        } else if input.starts_with(b"\n") {
+            input = &input[1..];
+        } else if input.is_empty() || input == b"\r" {
+            return Ok(None);
+        } else {
+            return Err("chunk not followed by CRLF".into());
+        }
+    }
+}
+
+/// Position of the first occurrence of `needle` in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The pure parser, for tests.
+///
+/// Every sample line `name{labels} value [timestamp]` or `name value
+/// [timestamp]` becomes an entry keyed by the text before the value, exactly
+/// as written (e.g. `tether_connections` or
+/// `tether_errors_total{code="SLOW_CONSUMER"}`). Label values may contain
+/// spaces, commas, `}` and escaped quotes. Comment lines (`#`, including
+/// `# HELP`, `# TYPE` and `# EOF`) and blank lines are skipped, as are lines
+/// whose value does not parse. Values are f64; `+Inf`, `-Inf` and `NaN` are
+/// accepted. If a key repeats, the last value wins.
+pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((key, rest)) = split_sample(line) else {
+            continue;
+        };
+        let Some(value) = rest.split_ascii_whitespace().next().and_then(parse_value) else {
+            continue;
+        };
+        out.insert(key.to_owned(), value);
+    }
+    out
+}
+
+/// Splits a sample line into its key (name plus optional `{labels}`) and the
+/// text after it.
+fn split_sample(line: &str) -> Option<(&str, &str)> {
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_ascii_whitespace())
+        .unwrap_or(line.len());
+    if name_end == 0 {
+        return None;
+    }
+    if !line[name_end..].starts_with('{') {
+        return Some((&line[..name_end], &line[name_end..]));
+    }
+    // Find the closing brace, skipping quoted label values.
+    let mut in_quotes = false;
+    let mut escaped = false;
+    for (i, c) in line[name_end..].char_indices() {
+        let i = name_end + i;
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_quotes => escaped = true,
+            '"' => in_quotes = !in_quotes,
+            '}' if !in_quotes => return Some((&line[..=i], &line[i + 1..])),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Parses a Prometheus sample value.
+fn parse_value(text: &str) -> Option<f64> {
+    let unsigned = text.strip_prefix(['+', '-']).unwrap_or(text);
+    let negative = text.starts_with('-');
+    if unsigned.eq_ignore_ascii_case("inf") || unsigned.eq_ignore_ascii_case("infinity") {
+        return Some(if negative {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        });
+    }
+    if unsigned.eq_ignore_ascii_case("nan") {
+        return Some(f64::NAN);
+    }
+    text.parse().ok()
+}
+
+/// Sum of every entry whose name (before any '{') equals `name` — e.g. a
+/// gauge over several label sets or several scraped processes merged.
+///
+/// NaN samples are ignored; 0 when there is no such entry.
+pub fn metric_sum(m: &BTreeMap<String, f64>, name: &str) -> f64 {
+    m.range::<str, _>((std::ops::Bound::Included(name), std::ops::Bound::Unbounded))
+        .take_while(|(k, _)| k.starts_with(name))
+        .filter(|(k, v)| {
+            !v.is_nan() && {
+                let rest = &k[name.len()..];
+                rest.is_empty() || rest.starts_with('{')
+            }
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"# HELP tether_connections Open client connections.
+# TYPE tether_connections gauge
+tether_connections 1234
+# HELP tether_errors_total Errors sent to clients, by code.
+# TYPE tether_errors_total counter
+tether_errors_total{code="SLOW_CONSUMER"} 7
+tether_errors_total{code="BAD_FRAME",detail="a, b} c"} 2
+tether_errors_total{code="QUOTE",detail="say \"hi\" {x}"} 1 1700000000000
+# HELP tether_latency_seconds Delivery latency.
+# TYPE tether_latency_seconds histogram
+tether_latency_seconds_bucket{le="0.005"} 10
+tether_latency_seconds_bucket{le="+Inf"} 12
+tether_latency_seconds_sum 0.0425
+tether_latency_seconds_count 12
+tether_weird{kind="inf"} +Inf
+tether_weird{kind="neginf"} -Inf
+tether_weird{kind="nan"} NaN
+tether_sci 1.5e3
+
+process_resident_memory_bytes 2.5e+07
+garbage line here
+# EOF
+"#;
+
+    #[test]
+    fn parses_prometheus_text() {
+        let m = parse_prometheus(SAMPLE);
+        assert_eq!(m["tether_connections"], 1234.0);
+        assert_eq!(m[r#"tether_errors_total{code="SLOW_CONSUMER"}"#], 7.0);
+        assert_eq!(
+            m[r#"tether_errors_total{code="BAD_FRAME",detail="a, b} c"}"#],
+            2.0
+        );
+        assert_eq!(
+            m[r#"tether_errors_total{code="QUOTE",detail="say \"hi\" {x}"}"#],
+            1.0
+        );
+        assert_eq!(m[r#"tether_latency_seconds_bucket{le="+Inf"}"#], 12.0);
+        assert_eq!(m["tether_latency_seconds_sum"], 0.0425);
+        assert_eq!(m[r#"tether_weird{kind="inf"}"#], f64::INFINITY);
+        assert_eq!(m[r#"tether_weird{kind="neginf"}"#], f64::NEG_INFINITY);
+        assert!(m[r#"tether_weird{kind="nan"}"#].is_nan());
+        assert_eq!(m["tether_sci"], 1500.0);
+        assert_eq!(m["process_resident_memory_bytes"], 25_000_000.0);
+        assert!(!m
+            .keys()
+            .any(|k| k.starts_with('#') || k.starts_with("garbage")));
+        assert_eq!(m.len(), 13);
+    }
+
+    #[test]
+    fn sums_metrics_by_name() {
+        let m = parse_prometheus(SAMPLE);
+        assert_eq!(metric_sum(&m, "tether_errors_total"), 10.0);
+        assert_eq!(metric_sum(&m, "tether_connections"), 1234.0);
+        // Other metrics sharing the prefix are not included.
+        assert_eq!(metric_sum(&m, "tether_latency_seconds"), 0.0);
+        assert_eq!(metric_sum(&m, "tether_latency_seconds_count"), 12.0);
+        assert_eq!(metric_sum(&m, "absent"), 0.0);
+        let mut merged = BTreeMap::new();
+        merged.insert("g{proc=\"1\"}".to_string(), 2.0);
+        merged.insert("g{proc=\"2\"}".to_string(), 3.0);
+        merged.insert("g".to_string(), 1.0);
+        merged.insert("g_other".to_string(), 100.0);
+        merged.insert("h".to_string(), 100.0);
+        merged.insert("g{proc=\"3\"}".to_string(), f64::NAN);
+        assert_eq!(metric_sum(&merged, "g"), 6.0);
+    }
+
+    #[test]
+    fn decodes_chunked_bodies() {
+        let body = b"4\r\nWiki\r\n6;ext=1\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        assert_eq!(
+            decode_chunked(body).unwrap().unwrap(),
+            b"Wikipedia in \r\n\r\nchunks.".to_vec()
+        );
+        // Incomplete at every prefix, complete only at the end.
+        for cut in 0..body.len() {
+            assert_eq!(decode_chunked(&body[..cut]).unwrap(), None, "cut {cut}");
+        }
+        assert_eq!(decode_chunked(b"0\r\n\r\n").unwrap(), Some(Vec::new()));
+        assert!(decode_chunked(b"zz\r\nabc\r\n0\r\n\r\n").is_err());
+        assert!(decode_chunked(b"3\r\nabcdef\r\n0\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn parses_http_responses() {
+        let chunked = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_http_response(chunked, false).unwrap(),
+            Some((200, b"hello".to_vec()))
+        );
+        assert_eq!(parse_http_response(&chunked[..60], false).unwrap(), None);
+        assert!(parse_http_response(&chunked[..60], true).is_err());
+
+        let sized = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\ndown";
+        assert_eq!(
+            parse_http_response(sized, false).unwrap(),
+            Some((503, b"down".to_vec()))
+        );
+        assert_eq!(
+            parse_http_response(&sized[..sized.len() - 1], false).unwrap(),
+            None
+        );
+
+        let closed = b"HTTP/1.0 200 OK\r\n\r\na 1\n";
+        assert_eq!(parse_http_response(closed, false).unwrap(), None);
+        assert_eq!(
+            parse_http_response(closed, true).unwrap(),
+            Some((200, b"a 1\n".to_vec()))
+        );
+        assert!(parse_http_response(b"SSH-2.0-x\r\n\r\n", true).is_err());
+    }
+
+    #[test]
+    fn parses_stat_with_awkward_comm() {
+        let line = "4242 ((tether gw) x)) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
+                    250 75 0 0 20 0 8 0 123456 1000000 2500 18446744073709551615";
+        assert_eq!(
+            parse_stat(line),
+            Some(StatFields {
+                state: 'S',
+                ppid: 1,
+                utime: 250,
+                stime: 75,
+            })
+        );
+        assert_eq!(parse_stat("4242 (tether"), None);
+        assert_eq!(parse_stat("4242 (x) S 1"), None);
+        assert_eq!(parse_stat(""), None);
+    }
+
+    #[test]
+    fn parses_meminfo_and_proc_stat() {
+        let meminfo = "MemTotal:       16318412 kB\nSlabby:  1 kB\nSlab:             512000 kB\n";
+        assert_eq!(parse_kb_field(meminfo, "Slab"), Some(512_000 * 1024));
+        assert_eq!(parse_kb_field(meminfo, "Nope"), None);
+        let stat = "cpu  100 20 30 400 50 6 7 8 9 10\ncpu0 1 1 1 1 1 1 1 1 1 1\n";
+        let cpu = parse_proc_stat_cpu(stat, 100.0);
+        assert_eq!(cpu.busy_secs, (100 + 20 + 30 + 6 + 7) as f64 / 100.0);
+        assert_eq!(cpu.steal_secs, 0.08);
+        assert_eq!(
+            cpu.total_secs,
+            (100 + 20 + 30 + 400 + 50 + 6 + 7 + 8) as f64 / 100.0
+        );
+        assert_eq!(
+            parse_proc_stat_cpu("intr 1 2\n", 100.0),
+            MachineCpu::default()
+        );
+    }
+
+    #[test]
+    fn reads_clock_ticks() {
+        let mut auxv = Vec::new();
+        for (k, v) in [(6u64, 4096u64), (17, 250), (0, 0)] {
+            if std::mem::size_of::<usize>() == 8 {
+                auxv.extend_from_slice(&k.to_ne_bytes());
+                auxv.extend_from_slice(&v.to_ne_bytes());
+            } else {
+                auxv.extend_from_slice(&(k as u32).to_ne_bytes());
+                auxv.extend_from_slice(&(v as u32).to_ne_bytes());
+            }
+        }
+        assert_eq!(auxv_clktck(&auxv), Some(250));
+        assert_eq!(auxv_clktck(&[]), None);
+        let ticks = clock_ticks_per_sec();
+        assert!(ticks > 0.0 && ticks.is_finite());
+    }
+
+    #[test]
+    fn stats_of_this_process() {
+        let me = std::process::id();
+        let s = proc_stats(&[me, me]);
+        assert_eq!(s.processes, 1);
+        assert!(s.rss_bytes > 0, "{s:?}");
+        assert!(s.cpu_secs >= 0.0 && s.cpu_secs.is_finite());
+        assert!(slab_bytes() > 0);
+        let cpu = machine_cpu();
+        assert!(
+            cpu.total_secs > 0.0 && cpu.busy_secs <= cpu.total_secs,
+            "{cpu:?}"
+        );
+    }
+
+    #[test]
+    fn stats_of_missing_process() {
+        // Above the kernel's pid_max limit (4194304), so it cannot exist.
+        assert_eq!(proc_stats(&[u32::MAX - 1]), ProcStats::default());
+        assert_eq!(proc_stats(&[]), ProcStats::default());
+        assert_eq!(descendants(u32::MAX - 1), vec![u32::MAX - 1]);
+    }
+
+    #[test]
+    fn descendants_include_self_and_children() {
+        let me = std::process::id();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let tree = descendants(me);
+        let child_pid = child.id();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&child_pid), "{tree:?} lacks {child_pid}");
+    }
+
+    #[tokio::test]
+    async fn scrapes_a_chunked_response() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while find(&req, b"\r\n\r\n").is_none() {
+                let n = sock.read(&mut buf).await.unwrap();
+                assert!(n > 0, "client closed early");
+                req.extend_from_slice(&buf[..n]);
+            }
+            let body = SAMPLE.as_bytes();
+            let mut resp = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\n\
+                             transfer-encoding: chunked\r\n\r\n"
+                .to_vec();
+            for piece in body.chunks(100) {
+                resp.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                resp.extend_from_slice(piece);
+                resp.extend_from_slice(b"\r\n");
+            }
+            resp.extend_from_slice(b"0\r\n\r\n");
+            // Dribble the response out in small writes to exercise reassembly.
+            for part in resp.chunks(37) {
+                sock.write_all(part).await.unwrap();
+                sock.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // Keep the connection open: the client must stop at the final
+            // chunk rather than waiting for EOF.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            String::from_utf8(req).unwrap()
+        });
+        let started = std::time::Instant::now();
+        let m = scrape_metrics(addr).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let expected = parse_prometheus(SAMPLE);
+        assert_eq!(m.len(), expected.len());
+        for (k, v) in &expected {
+            assert!(m[k] == *v || (m[k].is_nan() && v.is_nan()), "{k}");
+        }
+        assert_eq!(metric_sum(&m, "tether_errors_total"), 10.0);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn scrape_reports_errors() {
+        // HTTP error status.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = sock.read(&mut buf).await;
+            let _ = sock
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\n\r\nnot found")
+                .await;
+        });
+        let e = scrape_metrics(addr).await.unwrap_err();
+        assert!(e.contains("HTTP 404"), "{e}");
+        server.await.unwrap();
+
+        // A server that accepts and never answers: the 2 s timeout.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            drop(sock);
+        });
+        let started = std::time::Instant::now();
+        let e = scrape_metrics(addr).await.unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        server.abort();
+
+        // Nothing listening.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let e = scrape_metrics(addr).await.unwrap_err();
+        assert!(e.contains("connect"), "{e}");
+    }
+}
