@@ -40,6 +40,9 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// frame's room itself once it has seen the frame's length.
 const READ_CHUNK: usize = 2048;
 const READ_MIN_SPARE: usize = 512;
+/// After a read of fewer bytes than this (a PONG, an ack), the connection is taken as idle
+/// and reads into a buffer of this size, so that an idle client does not pin `READ_CHUNK`.
+const IDLE_READ_CHUNK: usize = 128;
 /// Heartbeat interval when LOGIN_RESULT says 0 (PROTOCOL.md §8 mobile default).
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
@@ -388,6 +391,8 @@ struct Conn {
     decoder: Decoder,
     heartbeat: Duration,
     last_sent: Instant,
+    /// The last read was small: read into an `IDLE_READ_CHUNK` buffer.
+    idle_reads: bool,
     /// When the unanswered PING went out (timed for [`crate::Observer::heartbeat_rtt`]).
     ping_at: Option<Instant>,
     /// Set by a PING: dead if nothing arrives by then.
@@ -399,6 +404,22 @@ struct Conn {
 }
 
 impl Conn {
+    /// Room in `rbuf` for the next read: `READ_CHUNK` while data flows, `IDLE_READ_CHUNK`
+    /// (and the large buffer given back) once reads are small and nothing is pending.
+    fn prepare_read(&mut self) {
+        let (min_spare, chunk) = if self.idle_reads {
+            if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_READ_CHUNK {
+                self.rbuf = BytesMut::new();
+            }
+            (1, IDLE_READ_CHUNK)
+        } else {
+            (READ_MIN_SPARE, READ_CHUNK)
+        };
+        if self.rbuf.capacity() - self.rbuf.len() < min_spare {
+            self.rbuf.reserve(chunk);
+        }
+    }
+
     fn write(&mut self, frame: &Frame) {
         match frame.encode(&mut self.wbuf, &self.limits) {
             Ok(()) => self.last_sent = Instant::now(),
@@ -443,12 +464,12 @@ async fn write_step(
 /// that event's seq for accounting, or `Err` when `Events` was dropped. Cancel-safe: the
 /// only await is the reservation.
 async fn deliver_one(
-    tx: &mpsc::Sender<Event>,
+    tx: &mpsc::Sender<Box<Event>>,
     outbox: &mut VecDeque<Queued>,
 ) -> Result<Option<(u64, u64)>, ()> {
     let permit = tx.reserve().await.map_err(|_| ())?;
     Ok(outbox.pop_front().and_then(|q| {
-        permit.send(q.event);
+        permit.send(Box::new(q.event));
         q.seq
     }))
 }
@@ -456,8 +477,8 @@ async fn deliver_one(
 pub(crate) struct Driver {
     cfg: Arc<Config>,
     shared: Arc<Shared>,
-    cmd_rx: mpsc::UnboundedReceiver<Command>,
-    event_tx: mpsc::Sender<Event>,
+    cmd_rx: mpsc::UnboundedReceiver<Box<Command>>,
+    event_tx: mpsc::Sender<Box<Event>>,
     /// Events not yet taken by the channel (it was full), in order.
     outbox: VecDeque<Queued>,
     /// The application dropped `Events`: discard events, count downlinks as processed.
@@ -491,8 +512,8 @@ impl Driver {
     pub(crate) fn new(
         cfg: Arc<Config>,
         shared: Arc<Shared>,
-        cmd_rx: mpsc::UnboundedReceiver<Command>,
-        event_tx: mpsc::Sender<Event>,
+        cmd_rx: mpsc::UnboundedReceiver<Box<Command>>,
+        event_tx: mpsc::Sender<Box<Event>>,
     ) -> Driver {
         Driver {
             cfg,
@@ -525,10 +546,10 @@ impl Driver {
             self.shared.online.store(false, Ordering::Release);
             let wait_until = match end {
                 End::Close { done } => {
-                    return self.finish(Event::Closed { code: None }, done).await;
+                    return Box::pin(self.finish(Event::Closed { code: None }, done)).await;
                 }
                 End::Kicked { reason, message } => {
-                    return self.finish(Event::Kicked { reason, message }, None).await;
+                    return Box::pin(self.finish(Event::Kicked { reason, message }, None)).await;
                 }
                 End::Lost {
                     code,
@@ -537,7 +558,7 @@ impl Driver {
                 } => {
                     self.push(Event::Offline { code }, None);
                     if !self.cfg.reconnect || code.is_some_and(is_terminal) {
-                        return self.finish(Event::Closed { code }, None).await;
+                        return Box::pin(self.finish(Event::Closed { code }, None)).await;
                     }
                     reconnect_at.unwrap_or_else(|| {
                         let wait = match retry_after {
@@ -548,16 +569,18 @@ impl Driver {
                     })
                 }
             };
-            match self.reconnect(wait_until).await {
+            // Boxed, like the other rare paths, so that an idle client's task holds only
+            // the state of `run_connection`.
+            match Box::pin(self.reconnect(wait_until)).await {
                 Ok(next) => {
                     self.on_login(&next);
                     est = next;
                 }
                 Err(Stop::Close(done)) => {
-                    return self.finish(Event::Closed { code: None }, done).await;
+                    return Box::pin(self.finish(Event::Closed { code: None }, done)).await;
                 }
                 Err(Stop::Refused(code)) => {
-                    return self.finish(Event::Closed { code: Some(code) }, None).await;
+                    return Box::pin(self.finish(Event::Closed { code: Some(code) }, None)).await;
                 }
             }
         }
@@ -622,7 +645,7 @@ impl Driver {
         loop {
             tokio::select! {
                 out = &mut fut => return Ok(out),
-                cmd = self.cmd_rx.recv() => match cmd {
+                cmd = self.cmd_rx.recv() => match cmd.map(|c| *c) {
                     None => return Err(Stop::Close(None)),
                     Some(Command::Close { done }) => return Err(Stop::Close(Some(done))),
                     Some(Command::DropConnection) => {}
@@ -734,6 +757,7 @@ impl Driver {
             decoder: Decoder::new(self.cfg.limits),
             heartbeat,
             last_sent: now,
+            idle_reads: true,
             ping_at: None,
             dead_at: None,
             goaway: None,
@@ -756,7 +780,7 @@ impl Driver {
         loop {
             if self.outbox.len() < OUTBOX_SOFT_LIMIT {
                 if let Some(end) = self.process_buffered(&mut c) {
-                    return self.end_connection(c, end).await;
+                    return Box::pin(self.end_connection(c, end)).await;
                 }
             }
             let can_read = self.outbox.is_empty();
@@ -765,8 +789,8 @@ impl Driver {
                 c.dead_at = None;
             }
             let deadline = self.next_deadline(&c);
-            if can_read && c.rbuf.capacity() - c.rbuf.len() < READ_MIN_SPARE {
-                c.rbuf.reserve(READ_CHUNK);
+            if can_read {
+                c.prepare_read();
             }
             let writing = !c.wbuf.is_empty() || c.need_flush;
             let end = tokio::select! {
@@ -775,8 +799,9 @@ impl Driver {
                         debug!("the gateway closed the connection");
                         Some(c.lost(None, None))
                     }
-                    Ok(_) => {
+                    Ok(n) => {
                         c.dead_at = None;
+                        c.idle_reads = n < IDLE_READ_CHUNK;
                         None
                     }
                     Err(e) => {
@@ -792,7 +817,7 @@ impl Driver {
                     }
                 },
                 cmd = self.cmd_rx.recv(), if c.wbuf.len() < WRITE_HIGH_WATER => {
-                    self.on_command(cmd, &mut c)
+                    self.on_command(cmd.map(|c| *c), &mut c)
                 }
                 r = deliver_one(&self.event_tx, &mut self.outbox), if !self.outbox.is_empty() => {
                     self.after_deliver(r);
@@ -801,7 +826,7 @@ impl Driver {
                 () = sleep_until(deadline) => self.on_timer(&mut c, Instant::now()),
             };
             if let Some(end) = end {
-                return self.end_connection(c, end).await;
+                return Box::pin(self.end_connection(c, end)).await;
             }
         }
     }
@@ -1190,7 +1215,7 @@ impl Driver {
             let step = match self.event_tx.try_reserve() {
                 Ok(permit) => match self.outbox.pop_front() {
                     Some(q) => {
-                        permit.send(q.event);
+                        permit.send(Box::new(q.event));
                         Ok(q.seq)
                     }
                     None => Err(false),
@@ -1252,7 +1277,7 @@ impl Driver {
             }
         }
         while let Ok(cmd) = self.cmd_rx.try_recv() {
-            match cmd {
+            match *cmd {
                 Command::Send { reply, .. } => {
                     let _ = reply.send(Err(SendError::Closed));
                 }
@@ -1276,7 +1301,7 @@ impl Driver {
             seq: None,
         });
         while let Some(q) = self.outbox.pop_front() {
-            if self.event_tx.send(q.event).await.is_err() {
+            if self.event_tx.send(Box::new(q.event)).await.is_err() {
                 return;
             }
         }

@@ -440,18 +440,20 @@ pub enum Event {
 /// [`Event::Closed`]) [`Events::next`] returns `None`.
 #[derive(Debug)]
 pub struct Events {
-    rx: mpsc::Receiver<Event>,
+    /// Boxed: a channel allocates room for 32 messages up front, and an idle client
+    /// should not hold 32 events' worth of memory.
+    rx: mpsc::Receiver<Box<Event>>,
 }
 
 impl Events {
     /// The next event, or `None` once the client has ended and every event was taken.
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        self.rx.recv().await.map(|e| *e)
     }
 
     /// The next event if one is ready, without waiting.
     pub fn try_next(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().map(|e| *e)
     }
 }
 
@@ -470,7 +472,8 @@ pub(crate) struct Shared {
 /// share the connection. Dropping the last clone closes the client.
 #[derive(Clone, Debug)]
 pub struct Client {
-    cmd: mpsc::UnboundedSender<Command>,
+    /// Boxed for the same reason as [`Events`]' channel.
+    cmd: mpsc::UnboundedSender<Box<Command>>,
     shared: Arc<Shared>,
 }
 
@@ -557,11 +560,11 @@ impl Client {
             })?;
         let (reply, rx) = oneshot::channel();
         self.cmd
-            .send(Command::Send {
+            .send(Box::new(Command::Send {
                 msg_id,
                 frame,
                 reply,
-            })
+            }))
             .map_err(|_| SendError::Closed)?;
         rx.await.unwrap_or(Err(SendError::Closed))
     }
@@ -582,12 +585,12 @@ impl Client {
         let (reply, rx) = oneshot::channel();
         let request_id = self.shared.next_request_id.fetch_add(1, Ordering::Relaxed);
         self.cmd
-            .send(Command::Room {
+            .send(Box::new(Command::Room {
                 request_id,
                 room_id: room_id.to_string(),
                 join,
                 reply,
-            })
+            }))
             .map_err(|_| RoomError::closed())?;
         rx.await.unwrap_or_else(|_| Err(RoomError::closed()))
     }
@@ -617,7 +620,7 @@ impl Client {
     /// connection is closed (bounded: a gateway that does not read is given 1 s).
     pub async fn close(&self) {
         let (done, rx) = oneshot::channel();
-        if self.cmd.send(Command::Close { done }).is_ok() {
+        if self.cmd.send(Box::new(Command::Close { done })).is_ok() {
             let _ = rx.await;
         }
     }
@@ -626,6 +629,6 @@ impl Client {
     /// client then reconnects with resume as after any loss. Does nothing while offline.
     /// For tests and chaos tools.
     pub fn drop_connection(&self) {
-        let _ = self.cmd.send(Command::DropConnection);
+        let _ = self.cmd.send(Box::new(Command::DropConnection));
     }
 }
