@@ -221,8 +221,36 @@ async fn connect_from(local: std::net::IpAddr, addr: &str) -> io::Result<TcpStre
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    bind_address_no_port(&socket);
     socket.bind(std::net::SocketAddr::new(local, 0))?;
     socket.connect(remote).await
+}
+
+/// Defers the choice of the local port from `bind` to `connect` (Linux
+/// `IP_BIND_ADDRESS_NO_PORT`), where the kernel knows the whole 4-tuple: a bind to port 0
+/// must otherwise find a port free for *any* destination, which gets slow as the port range
+/// fills (measured: 100,000 connections over two source addresses connected at ~400/s and
+/// burnt seconds of kernel time) and caps one source address at one port range for all
+/// destinations together. Best effort: without it the bind still works.
+fn bind_address_no_port(socket: &tokio::net::TcpSocket) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket descriptor, a pointer to a c_int living across the call,
+        // and its exact length.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
 }
 
 fn login_answer(
