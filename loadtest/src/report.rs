@@ -260,7 +260,7 @@ impl Report {
             rows.push((format!("failed: {k}"), v.to_string()));
         }
         for (k, v) in &self.server {
-            rows.push((format!("server {k}"), show(v)));
+            rows.push((k.clone(), show(v)));
         }
         for (i, step) in self.steps.iter().enumerate() {
             let line = step

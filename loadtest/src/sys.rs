@@ -18,6 +18,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub struct ProcStats {
     /// Resident set size (`VmRSS`), summed over the live processes, in bytes.
     pub rss_bytes: u64,
+    /// Private resident memory (`RssAnon`), summed: unlike `VmRSS` it does not count the
+    /// binary's pages, which processes of one binary share, once per process.
+    #[serde(default)]
+    pub anon_bytes: u64,
+    /// The largest `RssFile` (mapped files: the binary) of one process.
+    #[serde(default)]
+    pub file_bytes_max: u64,
     /// User plus system CPU time (`utime + stime`), summed, in seconds.
     pub cpu_secs: f64,
     /// How many of the pids were alive (readable and not zombies).
@@ -144,10 +151,12 @@ pub fn proc_stats(pids: &[u32]) -> ProcStats {
         }
         out.processes += 1;
         out.cpu_secs += stat.utime.saturating_add(stat.stime) as f64 / ticks;
-        out.rss_bytes += std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| parse_kb_field(&s, "VmRSS"))
-            .unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        out.rss_bytes += parse_kb_field(&status, "VmRSS").unwrap_or(0);
+        out.anon_bytes += parse_kb_field(&status, "RssAnon").unwrap_or(0);
+        out.file_bytes_max = out
+            .file_bytes_max
+            .max(parse_kb_field(&status, "RssFile").unwrap_or(0));
     }
     out
 }
@@ -718,6 +727,11 @@ garbage line here
         let s = proc_stats(&[me, me]);
         assert_eq!(s.processes, 1);
         assert!(s.rss_bytes > 0, "{s:?}");
+        assert!(s.anon_bytes > 0 && s.anon_bytes <= s.rss_bytes, "{s:?}");
+        assert!(
+            s.file_bytes_max > 0 && s.file_bytes_max <= s.rss_bytes,
+            "{s:?}"
+        );
         assert!(s.cpu_secs >= 0.0 && s.cpu_secs.is_finite());
         assert!(slab_bytes() > 0);
         let cpu = machine_cpu();

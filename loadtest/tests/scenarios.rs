@@ -117,7 +117,7 @@ fn hold_keeps_every_connection_up_and_times_heartbeats() {
         r["latencies"]
     );
     // The gateway's own count, read from /metrics while held.
-    assert_eq!(r["server"]["metrics tether_connections"], 300.0);
+    assert_eq!(r["server"]["gateway /metrics tether_connections"], 300.0);
     assert!(!r["series"].as_array().unwrap().is_empty());
 }
 
