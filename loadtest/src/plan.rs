@@ -15,7 +15,7 @@ pub const MAX_CONNECTIONS_PER_WORKER: usize = 19_000;
 /// over two sources connected at ~1,200/s, over four at ~20,000/s). `range` is the
 /// (low, high) of `ip_local_port_range`.
 pub fn ports_per_source(range: (usize, usize)) -> usize {
-    (range.1.saturating_sub(range.0) + 1) / 2 * 9 / 10
+    range.1.saturating_sub(range.0).div_ceil(2) * 9 / 10
 }
 
 /// `/proc/sys/net/ipv4/ip_local_port_range`, or Linux's default.
@@ -206,8 +206,8 @@ mod tests {
         assert_eq!(count, [334, 333, 333]);
         assert_eq!(source_for(&s, 4), s[1]);
         assert_eq!(sources_needed(1_000_000, 60_000), 17);
-        assert_eq!(ports_per_source((1024, 65535)), 29_029);
-        assert_eq!(ports_per_source((32_768, 60_999)), 12_703);
+        assert_eq!(ports_per_source((1024, 65535)), 29_030);
+        assert_eq!(ports_per_source((32_768, 60_999)), 12_704);
         let (lo, hi) = local_port_range();
         assert!(lo <= hi);
         assert_eq!(sources_needed(10, 60_000), 1);
