@@ -238,6 +238,12 @@ impl Config {
                 tether_codec::ABSOLUTE_MAX_FRAME_LEN
             ));
         }
+        if self.dedup_window > crate::session::dedup::MAX_DEDUP_WINDOW {
+            return Err(format!(
+                "dedup_window must be at most {}",
+                crate::session::dedup::MAX_DEDUP_WINDOW
+            ));
+        }
         if !(1..=MAX_PROCESSES).contains(&self.processes) {
             return Err(format!("processes must be 1 to {MAX_PROCESSES}"));
         }

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
+use hashbrown::HashTable;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tether_codec::{Frame, Header, Limits};
@@ -217,6 +218,36 @@ impl<K: Hash + Eq, V> Shards<K, V> {
     }
 }
 
+/// A sharded hash table of values found by a key each value carries (a session by its id, a
+/// user's session list by the user): a slot holds the value alone (8 bytes for a session, 24
+/// for a list), with no second copy of the key beside it. Every session is in both tables,
+/// so their slots are a good part of an idle connection's memory.
+struct Table<T> {
+    shards: Box<[Mutex<HashTable<T>>]>,
+    hasher: std::hash::RandomState,
+}
+
+impl<T> Table<T> {
+    fn new() -> Self {
+        Table {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The shard of a key with hash `h`. Chosen from bits mixed out of `h`, so that the keys
+    /// of one shard do not share the low bits (bucket index) or the top bits (control tag)
+    /// that the table itself uses.
+    fn shard(&self, h: u64) -> &Mutex<HashTable<T>> {
+        let mixed = (h ^ (h >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        &self.shards[(mixed >> 40) as usize % SHARDS]
+    }
+}
+
 /// What a login bound.
 #[derive(Debug)]
 pub struct Bound {
@@ -234,9 +265,11 @@ pub struct Node {
     auth: Box<dyn Authenticator>,
     upstream: Arc<dyn Upstream>,
     workers: OnceLock<Vec<WorkerLink>>,
-    sessions: Shards<SessionId, Arc<Session>>,
-    /// A user's sessions inline (no allocation for the usual one or two).
-    users: Shards<Arc<str>, SmallVec<[Arc<Session>; 2]>>,
+    /// Sessions by id.
+    sessions: Table<Arc<Session>>,
+    /// A user's sessions, by user (never empty: the user is its first session's), inline (no
+    /// allocation for the usual one or two).
+    users: Table<SmallVec<[Arc<Session>; 2]>>,
     rooms: Shards<Arc<str>, HashMap<SessionId, Arc<Session>>>,
     pub(crate) connections: AtomicUsize,
     session_count: AtomicUsize,
@@ -286,8 +319,8 @@ impl Node {
             auth,
             upstream,
             workers: OnceLock::new(),
-            sessions: Shards::new(),
-            users: Shards::new(),
+            sessions: Table::new(),
+            users: Table::new(),
             rooms: Shards::new(),
             connections: AtomicUsize::new(0),
             session_count: AtomicUsize::new(0),
@@ -380,17 +413,32 @@ impl Node {
     }
 
     pub fn session(&self, id: &SessionId) -> Option<Arc<Session>> {
-        self.sessions.shard(id).lock().get(id).cloned()
+        let h = self.sessions.hash(id);
+        self.sessions
+            .shard(h)
+            .lock()
+            .find(h, |s| s.id == *id)
+            .cloned()
     }
 
     /// The live sessions of a user.
     pub fn user_sessions(&self, user: &str) -> Vec<Arc<Session>> {
+        let h = self.users.hash(user);
         self.users
-            .shard(user)
+            .shard(h)
             .lock()
-            .get(user)
+            .find(h, |l| *l[0].user == *user)
             .map(|l| l.to_vec())
             .unwrap_or_default()
+    }
+
+    /// Every live session.
+    fn all_sessions(&self) -> Vec<Arc<Session>> {
+        let mut all = Vec::with_capacity(self.session_count());
+        for shard in self.sessions.shards.iter() {
+            all.extend(shard.lock().iter().cloned());
+        }
+        all
     }
 
     /// The sessions in a room.
@@ -462,14 +510,21 @@ impl Node {
         });
         // In the id map before the user's list: a concurrent login that replaces this
         // session finds it in the list and its `end` must find it in the map too.
+        let h = self.sessions.hash(&session.id);
         self.sessions
-            .shard(&session.id)
+            .shard(h)
             .lock()
-            .insert(session.id, session.clone());
+            .insert_unique(h, session.clone(), |s| self.sessions.hash(&s.id));
         let mut victims = Vec::new();
         {
-            let mut users = self.users.shard(&*session.user).lock();
-            let list = users.entry(session.user.clone()).or_default();
+            let h = self.users.hash(&*session.user);
+            let mut users = self.users.shard(h).lock();
+            let list = match users.find_mut(h, |l| l[0].user == session.user) {
+                Some(list) => list,
+                None => users
+                    .insert_unique(h, SmallVec::new(), |l| self.users.hash(&*l[0].user))
+                    .into_mut(),
+            };
             let class = platform_class(platform);
             list.retain(|s| {
                 let replace = match self.config.multi_device {
@@ -519,11 +574,12 @@ impl Node {
             // A last_seq above what was ever sent counts as the highest seq sent (§6.6), not
             // as the highest pushed: downlinks buffered while detached were never seen.
             let last_seq = r.last_seq.min(st.sent);
-            let receipts: Vec<u64> = st
-                .downlink
-                .ack(last_seq)
-                .filter_map(|d| (d.receipt != 0).then_some(d.receipt))
-                .collect();
+            let mut receipts = Vec::new();
+            st.downlink.ack(last_seq, |d| {
+                if d.receipt != 0 {
+                    receipts.push(d.receipt);
+                }
+            });
             let gap = st.downlink.resume(last_seq).gap;
             st.sent = st.downlink.acked().max(gap.map_or(0, |g| g.1));
             st.flush_queued = false;
@@ -582,13 +638,21 @@ impl Node {
             let link = std::mem::replace(&mut st.link, Link::Ended);
             (link, std::mem::take(&mut st.rooms))
         };
-        self.sessions.shard(&session.id).lock().remove(&session.id);
         {
-            let mut users = self.users.shard(&*session.user).lock();
-            if let Some(list) = users.get_mut(&*session.user) {
+            let h = self.sessions.hash(&session.id);
+            let mut sessions = self.sessions.shard(h).lock();
+            if let Ok(e) = sessions.find_entry(h, |s| Arc::ptr_eq(s, session)) {
+                e.remove();
+            }
+        }
+        {
+            let h = self.users.hash(&*session.user);
+            let mut users = self.users.shard(h).lock();
+            if let Ok(mut e) = users.find_entry(h, |l| l[0].user == session.user) {
+                let list = e.get_mut();
                 list.retain(|s| !Arc::ptr_eq(s, session));
                 if list.is_empty() {
-                    users.remove(&*session.user);
+                    e.remove();
                 }
             }
         }
@@ -628,11 +692,8 @@ impl Node {
 
     /// Ends every session (at shutdown).
     pub(crate) fn end_all(&self) {
-        for shard in self.sessions.shards.iter() {
-            let all: Vec<_> = shard.lock().values().cloned().collect();
-            for s in all {
-                self.end(&s, EndReason::Shutdown);
-            }
+        for s in self.all_sessions() {
+            self.end(&s, EndReason::Shutdown);
         }
     }
 
@@ -745,12 +806,7 @@ impl Node {
                 .iter()
                 .for_each(|u| self.user_sessions(u).iter().for_each(&mut each)),
             Target::Room(r) => self.room_members(r).iter().for_each(each),
-            Target::All => {
-                for shard in self.sessions.shards.iter() {
-                    let all: Vec<_> = shard.lock().values().cloned().collect();
-                    all.iter().for_each(&mut each);
-                }
-            }
+            Target::All => self.all_sessions().iter().for_each(each),
         }
         n
     }
@@ -934,10 +990,13 @@ impl Node {
             let mut st = session.state.lock();
             // An ack beyond what this connection was sent is capped there (§6.5).
             let seq = seq.min(st.sent);
-            st.downlink
-                .ack(seq)
-                .filter_map(|d| (d.receipt != 0).then_some(d.receipt))
-                .collect()
+            let mut receipts = Vec::new();
+            st.downlink.ack(seq, |d| {
+                if d.receipt != 0 {
+                    receipts.push(d.receipt);
+                }
+            });
+            receipts
         };
         if !receipts.is_empty() {
             self.upstream.delivered(&self.arc(), session, &receipts);

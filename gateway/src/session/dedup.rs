@@ -4,9 +4,12 @@
 //! answer comes (acks go to whichever connection the session has then).
 
 use tether_protocol::pb::ErrorCode;
+use thin_vec::ThinVec;
 
 /// Default number of recent uplink ids a session remembers.
 pub const DEFAULT_DEDUP_WINDOW: usize = 128;
+/// Largest window the configuration accepts (a lookup scans the whole ring).
+pub const MAX_DEDUP_WINDOW: usize = 65_536;
 
 /// What the window knew of an uplink id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,9 +31,10 @@ const IN_FLIGHT: i32 = -1;
 /// than a hash lookup costs at this size, and no second structure to keep in step.
 #[derive(Debug, Default)]
 pub struct UplinkDedup {
-    ring: Vec<(u64, i32)>,
+    /// (ThinVec: 8 bytes, nothing allocated while empty.)
+    ring: ThinVec<(u64, i32)>,
     /// Where the next id goes once the ring is full.
-    next: usize,
+    next: u32,
 }
 
 impl UplinkDedup {
@@ -52,9 +56,9 @@ impl UplinkDedup {
             }
             self.ring.push(entry);
         } else {
-            let at = self.next % self.ring.len();
+            let at = self.next as usize % self.ring.len();
             self.ring[at] = entry;
-            self.next = at + 1;
+            self.next = (at + 1) as u32;
         }
         Seen::New
     }
@@ -119,6 +123,6 @@ mod tests {
     fn idle_sessions_allocate_nothing() {
         let d = UplinkDedup::default();
         assert_eq!(d.ring.capacity(), 0);
-        assert_eq!(std::mem::size_of::<UplinkDedup>(), 32);
+        assert_eq!(std::mem::size_of::<UplinkDedup>(), 16);
     }
 }

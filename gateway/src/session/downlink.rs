@@ -64,15 +64,25 @@ pub struct Resume<'a> {
 }
 
 /// Sequence numbers and the unacked buffer of one session.
+/// Nothing unacked: what [`DownlinkBuffer::after`] reads when there is no [`Unacked`].
+static EMPTY: VecDeque<Downlink> = VecDeque::new();
+
 #[derive(Debug, Default)]
 pub struct DownlinkBuffer {
     /// The seq of the last downlink pushed (0: none yet).
     last_seq: u64,
     /// The client's cumulative ack.
     acked: u64,
-    /// Unacked downlinks, oldest first, seqs strictly increasing.
-    unacked: VecDeque<Downlink>,
-    unacked_bytes: usize,
+    /// `None` while nothing is unacked and no gap is pending, so that an idle session holds
+    /// 8 bytes here and no queue capacity left over from its last burst.
+    unacked: Option<Box<Unacked>>,
+}
+
+#[derive(Debug, Default)]
+struct Unacked {
+    /// Oldest first, seqs strictly increasing.
+    list: VecDeque<Downlink>,
+    bytes: usize,
     /// Seqs dropped from the buffer before they were acked, not yet acked past.
     lost: Option<(u64, u64)>,
 }
@@ -91,8 +101,9 @@ impl DownlinkBuffer {
     ) -> Pushed {
         self.last_seq += 1;
         let seq = self.last_seq;
-        self.unacked_bytes += body.len();
-        self.unacked.push_back(Downlink {
+        let u = self.unacked.get_or_insert_with(Default::default);
+        u.bytes += body.len();
+        u.list.push_back(Downlink {
             seq,
             body_type,
             gzip,
@@ -100,12 +111,10 @@ impl DownlinkBuffer {
             receipt,
         });
         let mut dropped = 0;
-        while self.unacked.len() > 1
-            && (self.unacked.len() > limits.max_frames || self.unacked_bytes > limits.max_bytes)
-        {
-            let old = self.unacked.pop_front().expect("len > 1");
-            self.unacked_bytes -= old.body.len();
-            self.lost = Some(match self.lost {
+        while u.list.len() > 1 && (u.list.len() > limits.max_frames || u.bytes > limits.max_bytes) {
+            let old = u.list.pop_front().expect("len > 1");
+            u.bytes -= old.body.len();
+            u.lost = Some(match u.lost {
                 Some((from, _)) => (from, old.seq),
                 None => (old.seq, old.seq),
             });
@@ -114,44 +123,60 @@ impl DownlinkBuffer {
         Pushed { seq, dropped }
     }
 
-    /// Applies a cumulative DOWNLINK_ACK and returns the downlinks it releases (for delivery
-    /// receipts), oldest first. An ack at or below the previous one releases nothing; an ack
-    /// above the last seq pushed is taken as the last seq pushed (a client cannot have more).
-    pub fn ack(&mut self, seq: u64) -> std::collections::vec_deque::Drain<'_, Downlink> {
+    /// Applies a cumulative DOWNLINK_ACK and hands `released` the downlinks it releases (for
+    /// delivery receipts), oldest first. An ack at or below the previous one releases
+    /// nothing; an ack above the last seq pushed is taken as the last seq pushed (a client
+    /// cannot have more).
+    pub fn ack(&mut self, seq: u64, mut released: impl FnMut(Downlink)) {
         let seq = seq.min(self.last_seq);
         if seq > self.acked {
             self.acked = seq;
         }
-        if matches!(self.lost, Some((_, to)) if to <= self.acked) {
-            self.lost = None;
+        let acked = self.acked;
+        let Some(u) = self.unacked.as_mut() else {
+            return;
+        };
+        if matches!(u.lost, Some((_, to)) if to <= acked) {
+            u.lost = None;
         }
-        let n = self.unacked.partition_point(|d| d.seq <= self.acked);
-        for d in self.unacked.range(..n) {
-            self.unacked_bytes -= d.body.len();
+        let n = u.list.partition_point(|d| d.seq <= acked);
+        for d in u.list.drain(..n) {
+            u.bytes -= d.body.len();
+            released(d);
         }
-        self.unacked.drain(..n)
+        if u.list.is_empty() && u.lost.is_none() {
+            self.unacked = None;
+        }
     }
 
     /// A resume with the client's `last_seq`: everything up to it counts as acked (the
     /// released downlinks are dropped here; call [`ack`](Self::ack) first to get their
     /// receipts), then the gap and the replay.
     pub fn resume(&mut self, last_seq: u64) -> Resume<'_> {
-        self.ack(last_seq).for_each(drop);
+        self.ack(last_seq, drop);
+        let acked = self.acked;
         let gap = self
-            .lost
-            .map(|(from, to)| (from.max(self.acked + 1), to))
+            .unacked
+            .as_ref()
+            .and_then(|u| u.lost)
+            .map(|(from, to)| (from.max(acked + 1), to))
             .filter(|(from, to)| from <= to);
         Resume {
             gap,
-            replay: self.unacked.iter(),
+            replay: self.list().iter(),
         }
+    }
+
+    fn list(&self) -> &VecDeque<Downlink> {
+        self.unacked.as_ref().map_or(&EMPTY, |u| &u.list)
     }
 
     /// The buffered downlinks with a seq above `seq`, oldest first (what a connection that
     /// was sent everything up to `seq` still needs).
     pub fn after(&self, seq: u64) -> std::collections::vec_deque::Iter<'_, Downlink> {
-        let n = self.unacked.partition_point(|d| d.seq <= seq);
-        self.unacked.range(n..)
+        let list = self.list();
+        let n = list.partition_point(|d| d.seq <= seq);
+        list.range(n..)
     }
 
     /// The seq of the last downlink pushed.
@@ -166,7 +191,9 @@ impl DownlinkBuffer {
 
     /// Number and body bytes of unacked downlinks.
     pub fn unacked(&self) -> (usize, usize) {
-        (self.unacked.len(), self.unacked_bytes)
+        self.unacked
+            .as_ref()
+            .map_or((0, 0), |u| (u.list.len(), u.bytes))
     }
 }
 
@@ -193,12 +220,17 @@ mod tests {
                 }
             );
         }
-        let released: Vec<u64> = b.ack(3).map(|d| d.receipt).collect();
+        let mut released = Vec::new();
+        b.ack(3, |d| released.push(d.receipt));
         assert_eq!(released, [1, 2, 3]);
         assert_eq!(b.unacked(), (2, 20));
-        assert_eq!(b.ack(2).count(), 0, "acks only move forward");
-        assert_eq!(b.ack(99).count(), 2, "an ack past the last seq is clamped");
+        let mut n = 0;
+        b.ack(2, |_| n += 1);
+        assert_eq!(n, 0, "acks only move forward");
+        b.ack(99, |_| n += 1);
+        assert_eq!(n, 2, "an ack past the last seq is clamped");
         assert_eq!((b.acked(), b.unacked()), (5, (0, 0)));
+        assert!(b.unacked.is_none(), "nothing unacked: nothing held");
     }
 
     #[test]
@@ -220,7 +252,7 @@ mod tests {
         // It drops again before acking anything: the same answer.
         assert_eq!(b.resume(1).gap, Some((2, 2)));
         // Once acked past the gap, it is forgotten.
-        b.ack(3).for_each(drop);
+        b.ack(3, drop);
         assert_eq!(b.resume(3).gap, None);
     }
 
@@ -315,7 +347,7 @@ mod tests {
                         }
                     }
                     Step::Ack if attached => {
-                        released.extend(b.ack(client.last_seq).map(|d| d.seq));
+                        b.ack(client.last_seq, |d| released.push(d.seq));
                     }
                     Step::Ack => {}
                     Step::Cut if attached => attached = false,
