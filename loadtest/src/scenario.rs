@@ -207,9 +207,11 @@ async fn hold_run(
     .await;
     rec.count("up", clients.len() as u64);
     if ctl.barrier("connected", None).await.is_ok() {
+        rec.rename_hist("heartbeat", "heartbeat while connecting");
         rec.first("hold", now_us());
         tokio::time::sleep(Duration::from_secs(hold)).await;
         rec.last("hold", now_us());
+        rec.heartbeats.store(false, Ordering::Relaxed);
         rec.count("held_at_end", rec.up.load(Ordering::Relaxed).max(0) as u64);
         let _ = ctl.barrier("held", None).await;
     }

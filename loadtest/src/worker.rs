@@ -48,6 +48,8 @@ pub struct Rec {
     pub up: AtomicI64,
     /// The scenario's operations so far (heartbeats, logins, deliveries, round trips).
     pub ops: AtomicU64,
+    /// Heartbeat round trips are recorded (off once a hold is over and clients close).
+    pub heartbeats: std::sync::atomic::AtomicBool,
     main: &'static str,
 }
 
@@ -68,6 +70,7 @@ impl Rec {
             inner: Mutex::new(Inner::default()),
             up: AtomicI64::new(0),
             ops: AtomicU64::new(0),
+            heartbeats: std::sync::atomic::AtomicBool::new(true),
             main,
         })
     }
@@ -91,6 +94,16 @@ impl Rec {
             i.hists.entry(name).or_default().record(us);
             if name == main {
                 i.window.record(us);
+            }
+        });
+    }
+
+    /// Files what histogram `from` holds so far under `to` and starts `from` afresh (the
+    /// heartbeats of a connect phase apart from those of the hold).
+    pub fn rename_hist(&self, from: &'static str, to: &'static str) {
+        self.with(|i| {
+            if let Some(h) = i.hists.remove(from) {
+                i.hists.insert(to, h);
             }
         });
     }
@@ -156,6 +169,9 @@ struct HeartbeatObserver(Arc<Rec>);
 
 impl Observer for HeartbeatObserver {
     fn heartbeat_rtt(&self, rtt: Duration) {
+        if !self.0.heartbeats.load(Ordering::Relaxed) {
+            return;
+        }
         self.0.latency("heartbeat", rtt.as_micros() as u64);
         self.0.ops.fetch_add(1, Ordering::Relaxed);
     }
