@@ -78,7 +78,8 @@ pub struct Cli {
     /// Most connections per worker process.
     #[arg(long, default_value_t = plan::MAX_CONNECTIONS_PER_WORKER, global = true)]
     per_worker: usize,
-    /// Worker processes (0: as many as --per-worker asks for).
+    /// Worker processes (0: as many as --per-worker asks for, and at least one per core, so
+    /// that the client side can use the whole machine as the peers' load generator does).
     #[arg(long, default_value_t = 0, global = true)]
     workers: usize,
     /// No live progress bar (a line every 10 s instead).
@@ -417,10 +418,11 @@ async fn coordinate(cli: Cli) -> Result<(), String> {
             net.sources.len()
         );
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = if cli.workers > 0 {
         cli.workers
     } else {
-        plan::workers_for(total, cli.per_worker)
+        plan::workers_for(total, cli.per_worker).max(cores.min(total.max(1)))
     };
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let args: Vec<String> = std::env::args().skip(1).collect();
