@@ -87,6 +87,10 @@ pub(crate) struct State {
     /// The highest seq written to the attached connection.
     pub sent: u64,
     pub flush_queued: bool,
+    /// A resume attached this session: its next fill is a replay, packed into gzip BATCH
+    /// frames when long. Live traffic is never packed per connection (encode once, send to
+    /// many: a burst of a busy room would otherwise be compressed once per member).
+    pub replay: bool,
     pub epoch: u32,
     /// Transient (seq 0) downlinks waiting for the next flush.
     /// (ThinVec: 8 bytes and no allocation while empty, which is nearly always.)
@@ -502,6 +506,7 @@ impl Node {
                 link: Link::Attached(conn),
                 sent: 0,
                 flush_queued: false,
+                replay: false,
                 epoch: 0,
                 transient: ThinVec::new(),
                 rooms: ThinVec::new(),
@@ -583,6 +588,7 @@ impl Node {
             let gap = st.downlink.resume(last_seq).gap;
             st.sent = st.downlink.acked().max(gap.map_or(0, |g| g.1));
             st.flush_queued = false;
+            st.replay = true;
             st.transient.clear();
             (gap, receipts, old)
         };

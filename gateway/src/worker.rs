@@ -708,9 +708,10 @@ impl Worker {
         st.flush_queued = false;
         let mut frames = 0u64;
         let sent = st.sent;
+        let replay = std::mem::take(&mut st.replay);
         let pending = st.downlink.after(sent);
         let n = pending.len();
-        if n >= self.node.config.replay_batch_min.max(2) && s.accept_gzip {
+        if replay && n >= self.node.config.replay_batch_min.max(2) && s.accept_gzip {
             // A long replay: BATCH frames of up to max_batch_frames, gzip-compressed.
             let all: Vec<Frame> = pending
                 .map(|d| Frame {

@@ -199,6 +199,25 @@ fn a_message_to_an_offline_user_waits_for_their_login() {
 }
 
 #[test]
+fn a_live_burst_is_not_packed_into_batches_only_a_resume_replay_is() {
+    let g = start(|c| c.replay_batch_min = 4);
+    let mut bob = Raw::connect(g.addrs()[0]);
+    bob.login("bob", "phone", None);
+    // Twenty downlinks in one push: queued together, written in one fill, yet sent as
+    // twenty DOWNLINK frames (a BATCH would be gzipped for this connection alone).
+    let target = tether_gateway::node::Target::Users(vec!["bob".to_string(); 20]);
+    let push = tether_gateway::node::Push::new(0, chat_to_user("bob", "burst"));
+    assert_eq!(g.node().push(&target, &push), 20);
+    for seq in 1..=20u64 {
+        assert_eq!(bob.downlink().0, seq);
+    }
+    assert_eq!(
+        bob.batches, 0,
+        "live traffic is never packed per connection"
+    );
+}
+
+#[test]
 fn resume_replays_unacked_downlinks_and_after_the_grace_period_the_session_is_new() {
     let g = start(|c| {
         c.resume_grace_secs = 120;
