@@ -669,6 +669,11 @@ fn rtt_step(cli: &Cli, rate: f64, p: &Part) -> (BTreeMap<String, serde_json::Val
     row.insert("echo_p50_ms".into(), json!(echo.p50_us as f64 / 1e3));
     row.insert("echo_p99_ms".into(), json!(echo.p99_us as f64 / 1e3));
     row.insert("echo_p999_ms".into(), json!(echo.p999_us as f64 / 1e3));
+    let from_send = p.hist("echo from send").summary();
+    row.insert(
+        "echo_from_send_p99_ms".into(),
+        json!(from_send.p99_us as f64 / 1e3),
+    );
     row.insert("held".into(), json!(held));
     (row, held)
 }

@@ -307,6 +307,7 @@ async fn fanout_run(
                 stop.clone(),
                 unique.clone(),
                 "delivery",
+                None,
             ))
         })
         .collect();
@@ -372,7 +373,13 @@ async fn publish(p: &Client, rec: &Arc<Rec>, messages: u64, size: usize, rate: f
         let permit = sem.clone().acquire_owned().await.expect("never closed");
         let now = now_us();
         rec.first("publish", now);
-        let body = chat_body(Some(Target::Room(FANOUT_ROOM.into())), 0, n, now, size);
+        let stamp = Stamp {
+            sender: 0,
+            n,
+            due_us: now,
+            sent_us: now,
+        };
+        let body = chat_body(Some(Target::Room(FANOUT_ROOM.into())), stamp, size);
         let (p, rec) = (p.clone(), rec.clone());
         sends.push(tokio::spawn(async move {
             match p.send(0, body).await {
@@ -423,6 +430,7 @@ async fn rtt_run(
                 stop.clone(),
                 echoed.clone(),
                 "echo",
+                Some("echo from send"),
             ))
         })
         .collect();
@@ -459,15 +467,24 @@ async fn rtt_run(
                     if now > due_us + 10_000 {
                         rec.count("late_sends", 1);
                     }
-                    let body = chat_body(None, k as u64, base_n + j, due_us, size);
+                    let stamp = Stamp {
+                        sender: k as u64,
+                        n: base_n + j,
+                        due_us,
+                        sent_us: now,
+                    };
+                    let body = chat_body(None, stamp, size);
                     rec.count("sent", 1);
+                    rec.latency("send lag", now.saturating_sub(due_us));
                     sent_total.fetch_add(1, Ordering::Relaxed);
                     let (c, rec) = (c.clone(), rec.clone());
                     acks.push(tokio::spawn(async move {
                         match c.send(0, body).await {
                             Ok(_) => {
                                 rec.count("acked", 1);
-                                rec.latency("ack", now_us().saturating_sub(due_us));
+                                let at = now_us();
+                                rec.latency("ack", at.saturating_sub(due_us));
+                                rec.latency("ack from send", at.saturating_sub(now));
                             }
                             Err(e) => rec.fail(format!("send:{e:?}").chars().take(48).collect()),
                         }
@@ -552,11 +569,11 @@ async fn resume_run(net: &Net, share: &Share, ctl: &mut Ctl, rp: ResumePlan) -> 
                         e = events.next() => match e {
                             Some(Event::Message { body, .. }) => {
                                 let now = now_us();
-                                let Some((_, n, due)) = parse_body(&body) else { continue };
-                                if seen.insert(n) {
+                                let Some(st) = parse_body(&body) else { continue };
+                                if seen.insert(st.n) {
                                     received.fetch_add(1, Ordering::Relaxed);
                                     rec.ops.fetch_add(1, Ordering::Relaxed);
-                                    rec.latency("delivery", now.saturating_sub(due));
+                                    rec.latency("delivery", now.saturating_sub(st.due_us));
                                 } else {
                                     rec.count("duplicates", 1);
                                 }
@@ -606,7 +623,13 @@ async fn resume_run(net: &Net, share: &Share, ctl: &mut Ctl, rp: ResumePlan) -> 
                 for j in 0..msgs {
                     tokio::time::sleep_until(start + pacer.due(j)).await;
                     let due_us = start_us + pacer.due(j).as_micros() as u64;
-                    let body = chat_body(Some(Target::User(to.clone())), i as u64, j, due_us, 64);
+                    let stamp = Stamp {
+                        sender: i as u64,
+                        n: j,
+                        due_us,
+                        sent_us: now_us(),
+                    };
+                    let body = chat_body(Some(Target::User(to.clone())), stamp, 64);
                     rec.count("sent", 1);
                     let (c, rec, acked) = (c.clone(), rec.clone(), acked.clone());
                     acks.push(tokio::spawn(async move {

@@ -323,18 +323,31 @@ pub async fn open(
     None
 }
 
-/// The body of a chat message carrying (sender index, message number, due time): the text
-/// starts with 32 hex digits; the rest is padding up to `size` bytes of body.
-pub fn chat_body(
-    to: Option<Target>,
-    sender: u64,
-    n: u64,
-    due_us: u64,
-    size: usize,
-) -> bytes::Bytes {
+/// What a load-test message carries in its first 48 characters of text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    /// The sending connection's index.
+    pub sender: u64,
+    /// The message's number at that sender.
+    pub n: u64,
+    /// When the schedule wanted it sent (unix µs): open-loop latencies count from here.
+    pub due_us: u64,
+    /// When it was actually handed to the client (unix µs).
+    pub sent_us: u64,
+}
+
+/// The body of a chat message carrying a [`Stamp`] as 48 hex digits at the start of its
+/// text; the rest is padding up to `size` bytes of body.
+pub fn chat_body(to: Option<Target>, stamp: Stamp, size: usize) -> bytes::Bytes {
     use prost::Message as _;
     use tether_protocol::chat::{chat_message, ChatMessage, Text};
-    let mut text = format!("{sender:08x}{n:08x}{due_us:016x}");
+    let Stamp {
+        sender,
+        n,
+        due_us,
+        sent_us,
+    } = stamp;
+    let mut text = format!("{sender:08x}{n:08x}{due_us:016x}{sent_us:016x}");
     while text.len() + 8 < size {
         text.push('.');
     }
@@ -355,8 +368,8 @@ pub enum Target {
     Room(String),
 }
 
-/// (sender, n, due) of a [`chat_body`].
-pub fn parse_body(body: &[u8]) -> Option<(u64, u64, u64)> {
+/// The [`Stamp`] of a [`chat_body`].
+pub fn parse_body(body: &[u8]) -> Option<Stamp> {
     use prost::Message as _;
     use tether_protocol::chat::{chat_message, ChatMessage};
     let t = match ChatMessage::decode(body).ok()?.content? {
@@ -364,7 +377,12 @@ pub fn parse_body(body: &[u8]) -> Option<(u64, u64, u64)> {
         _ => return None,
     };
     let hex = |r: Range<usize>| u64::from_str_radix(t.get(r)?, 16).ok();
-    Some((hex(0..8)?, hex(8..16)?, hex(16..32)?))
+    Some(Stamp {
+        sender: hex(0..8)?,
+        n: hex(8..16)?,
+        due_us: hex(16..32)?,
+        sent_us: hex(32..48)?,
+    })
 }
 
 /// Which message numbers arrived, to count each once and spot duplicates.
@@ -453,14 +471,15 @@ pub async fn watch_idle(
 
 /// Counts the chat messages arriving on one connection until cancelled: each message
 /// number once (into `unique`, the ops count and the `latency` histogram, measured from the
-/// message's due time), a repeat as `duplicates`, a lost connection as
-/// `unexpected_disconnects`.
+/// message's due time, and `from_send`, measured from when it was actually sent), a repeat
+/// as `duplicates`, a lost connection as `unexpected_disconnects`.
 pub async fn watch_messages(
     mut events: Events,
     rec: Arc<Rec>,
     stop: tokio_util::sync::CancellationToken,
     unique: Arc<AtomicU64>,
     latency: &'static str,
+    from_send: Option<&'static str>,
 ) {
     let mut seen = Seen::default();
     loop {
@@ -468,11 +487,14 @@ pub async fn watch_messages(
             ev = events.next() => match ev {
                 Some(Event::Message { body, .. }) => {
                     let now = now_us();
-                    let Some((_, n, due)) = parse_body(&body) else { continue };
-                    if seen.insert(n) {
+                    let Some(st) = parse_body(&body) else { continue };
+                    if seen.insert(st.n) {
                         unique.fetch_add(1, Ordering::Relaxed);
                         rec.ops.fetch_add(1, Ordering::Relaxed);
-                        rec.latency(latency, now.saturating_sub(due));
+                        rec.latency(latency, now.saturating_sub(st.due_us));
+                        if let Some(name) = from_send {
+                            rec.latency(name, now.saturating_sub(st.sent_us));
+                        }
                         rec.last(latency, now);
                     } else {
                         rec.count("duplicates", 1);
@@ -493,8 +515,14 @@ mod tests {
 
     #[test]
     fn chat_bodies_round_trip() {
-        let b = chat_body(Some(Target::Room("r".into())), 7, 300, 1_234_567, 128);
-        assert_eq!(parse_body(&b), Some((7, 300, 1_234_567)));
+        let st = Stamp {
+            sender: 7,
+            n: 300,
+            due_us: 1_234_567,
+            sent_us: 1_234_999,
+        };
+        let b = chat_body(Some(Target::Room("r".into())), st, 128);
+        assert_eq!(parse_body(&b), Some(st));
         assert!(b.len() >= 120 && b.len() <= 140, "{}", b.len());
         assert_eq!(parse_body(b"garbage"), None);
     }
