@@ -95,7 +95,7 @@ pub struct Cli {
     scenario: Scenario,
 }
 
-#[derive(Debug, Clone, Subcommand)]
+#[derive(Debug, Clone, Subcommand, serde::Serialize)]
 pub enum Scenario {
     /// Open N connections, log in, heartbeat, hold; then report who stayed up.
     Hold {
@@ -218,19 +218,20 @@ impl Scenario {
         }
     }
 
+    /// The scenario's flags, for the report.
     fn params(&self) -> BTreeMap<String, serde_json::Value> {
-        let text = format!("{self:?}");
-        let mut out = BTreeMap::new();
-        // `Name { a: 1, b: 2 }` -> {a: "1", b: "2"}: the Debug form is the one place that
-        // lists every flag.
-        if let Some(body) = text.split_once('{').map(|x| x.1.trim_end_matches('}')) {
-            for kv in body.split(',') {
-                if let Some((k, v)) = kv.split_once(':') {
-                    out.insert(k.trim().to_string(), json!(v.trim()));
-                }
-            }
+        // Serialized as {"Name": {flag: value, ...}}.
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(outer)) => outer
+                .into_iter()
+                .next()
+                .and_then(|(_, inner)| match inner {
+                    serde_json::Value::Object(m) => Some(m.into_iter().collect()),
+                    _ => None,
+                })
+                .unwrap_or_default(),
+            _ => BTreeMap::new(),
         }
-        out
     }
 }
 
@@ -385,7 +386,7 @@ impl Live {
     fn show(&mut self, phase: &str, conns: u64, rate: u64, p99_ms: f64, failed: u64) {
         let msg = format!("{phase}  {rate}/s  p99 {p99_ms:.2} ms  failed {failed}");
         if self.plain {
-            if self.last_plain.elapsed() >= Duration::from_secs(10) {
+            if self.last_plain.elapsed() >= plan::PLAIN_PROGRESS_EVERY {
                 self.last_plain = Instant::now();
                 eprintln!(
                     "[{:>5.0}s] {conns} conn  {msg}",
@@ -578,7 +579,7 @@ async fn coordinate(cli: Cli) -> Result<(), String> {
         );
     }
     for c in &mut children {
-        let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+        let _ = tokio::time::timeout(plan::WORKER_EXIT_TIMEOUT, c.wait()).await;
     }
     snaps.insert("end".into(), server_snap(&cli, &[]).await);
     let mut r = Report {

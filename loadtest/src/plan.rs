@@ -9,6 +9,21 @@ use std::time::Duration;
 /// the rest is left for the runtime, stdio and the odd retry.
 pub const MAX_CONNECTIONS_PER_WORKER: usize = 19_000;
 
+/// A round-trip message not back this long after its step ended counts as lost (as in the
+/// peers' flood).
+pub const LOSS_AFTER: Duration = Duration::from_secs(10);
+/// A send issued this much after its intended time counts as late (`--find-max`: a step
+/// holds only while >= 97 % are on time).
+pub const LATE_SEND: Duration = Duration::from_millis(10);
+/// How long a ROOM_JOIN may take before it counts as failed.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long closing one client politely may take at the end of a run.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the coordinator waits for a worker process to exit after its report.
+pub const WORKER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Without a terminal, a progress line this often.
+pub const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 /// Connections one source address takes to one gateway address before connecting gets
 /// slow: Linux gives `connect` the even half of `ip_local_port_range` first and scans the
 /// whole range for each connection once that half is full (measured: 100,000 connections

@@ -276,7 +276,7 @@ async fn fanout_run(
         Flood::logins(inflight, false),
         |_, c, e| {
             members.push(c);
-            tasks.push((e, ()));
+            tasks.push(e);
         },
     )
     .await;
@@ -287,7 +287,7 @@ async fn fanout_run(
         let (c, rec, sem) = (c.clone(), rec.clone(), sem.clone());
         joins.push(tokio::spawn(async move {
             let _p = sem.acquire().await;
-            match tokio::time::timeout(Duration::from_secs(30), c.join_room(FANOUT_ROOM)).await {
+            match tokio::time::timeout(plan::JOIN_TIMEOUT, c.join_room(FANOUT_ROOM)).await {
                 Ok(Ok(())) => rec.count("joined", 1),
                 Ok(Err(e)) => rec.fail(format!("join:{}", e.code.as_str_name())),
                 Err(_) => rec.fail("join:timeout".into()),
@@ -300,7 +300,7 @@ async fn fanout_run(
     let joined = rec.part(false).counter("joined");
     let watchers: Vec<JoinHandle<()>> = tasks
         .into_iter()
-        .map(|(events, ())| {
+        .map(|events| {
             tokio::spawn(watch_messages(
                 events,
                 rec.clone(),
@@ -464,7 +464,7 @@ async fn rtt_run(
                     tokio::time::sleep_until(due).await;
                     let due_us = start_us + pacer.due(j).as_micros() as u64;
                     let now = now_us();
-                    if now > due_us + 10_000 {
+                    if now > due_us + plan::LATE_SEND.as_micros() as u64 {
                         rec.count("late_sends", 1);
                     }
                     let stamp = Stamp {
@@ -498,12 +498,9 @@ async fn rtt_run(
         for s in senders {
             let _ = s.await;
         }
-        // Messages not echoed within 10 s of the step's end count as lost.
+        // Messages not echoed soon after the step's end count as lost.
         let sent = sent_total.load(Ordering::Relaxed);
-        wait_for(Duration::from_secs(10), || {
-            echoed.load(Ordering::Relaxed) >= sent
-        })
-        .await;
+        wait_for(plan::LOSS_AFTER, || echoed.load(Ordering::Relaxed) >= sent).await;
         let mut part = rec.part(true);
         part.count("echoed", echoed.load(Ordering::Relaxed));
         part.count("lost", sent.saturating_sub(echoed.load(Ordering::Relaxed)));

@@ -422,7 +422,7 @@ pub async fn close_all(clients: Vec<Client>, tasks: Vec<tokio::task::JoinHandle<
         .into_iter()
         .map(|c| {
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), c.close()).await;
+                let _ = tokio::time::timeout(crate::plan::CLOSE_TIMEOUT, c.close()).await;
             })
         })
         .collect();

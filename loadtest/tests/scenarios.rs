@@ -137,6 +137,8 @@ fn storm_logs_everyone_in_once() {
         ],
     );
     assert_eq!(r["workers"], 2);
+    assert_eq!(r["params"]["n"], 300);
+    assert_eq!(r["params"]["inflight"], 64);
     assert_eq!(count(&r, "connections up"), 300);
     assert_eq!(count(&r, "failed"), 0);
     assert_eq!(latency_count(&r, "connect"), 300);
