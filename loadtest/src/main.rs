@@ -162,6 +162,9 @@ pub enum Scenario {
         find_max: bool,
         #[arg(long, default_value_t = 50.0)]
         p99_limit_ms: f64,
+        /// A send this many ms after its intended time counts as late.
+        #[arg(long, default_value_t = plan::LATE_SEND_MS)]
+        late_ms: u64,
         #[arg(long, default_value_t = 1_000_000.0)]
         max_rate: f64,
         #[arg(long, default_value_t = 512)]
@@ -663,6 +666,7 @@ fn rtt_step(cli: &Cli, rate: f64, p: &Part) -> (BTreeMap<String, serde_json::Val
     row.insert("rate".into(), json!(rate));
     row.insert("sent".into(), json!(sent));
     row.insert("on_time".into(), json!(on_time));
+    row.insert("late_sends".into(), json!(late));
     row.insert("lost".into(), json!(lost));
     row.insert("dup".into(), json!(p.counter("duplicates")));
     row.insert("ack_p50_ms".into(), json!(ack.p50_us as f64 / 1e3));
@@ -806,7 +810,7 @@ fn summarize(cli: &Cli, p: &Part, snaps: &BTreeMap<String, ServerSnap>, r: &mut 
             r.figure("echoed", p.counter("echoed"));
             r.figure("lost", p.counter("lost"));
             r.figure("duplicated", p.counter("duplicates"));
-            r.figure("late sends (>10 ms)", p.counter("late_sends"));
+            r.figure("late sends", p.counter("late_sends"));
             if let Some(last) = r.steps.iter().rev().find(|s| s["held"] == json!(true)) {
                 r.figure("highest rate held (msg/s)", last["rate"].clone());
             }

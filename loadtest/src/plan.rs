@@ -12,9 +12,9 @@ pub const MAX_CONNECTIONS_PER_WORKER: usize = 19_000;
 /// A round-trip message not back this long after its step ended counts as lost (as in the
 /// peers' flood).
 pub const LOSS_AFTER: Duration = Duration::from_secs(10);
-/// A send issued this much after its intended time counts as late (`--find-max`: a step
-/// holds only while >= 97 % are on time).
-pub const LATE_SEND: Duration = Duration::from_millis(10);
+/// Default of `rtt --late-ms`: a send issued this many ms after its intended time counts as
+/// late (`--find-max`: a step holds only while >= 97 % are on time).
+pub const LATE_SEND_MS: u64 = 10;
 /// How long a ROOM_JOIN may take before it counts as failed.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long closing one client politely may take at the end of a run.

@@ -61,8 +61,12 @@ pub async fn run(scenario: &Scenario, net: Net, share: Share, ctl: &mut Ctl) -> 
             secs,
             size,
             inflight,
+            late_ms,
             ..
-        } => rtt_run(&net, &share, ctl, *rate, *secs, *size, *inflight).await,
+        } => {
+            let late = Duration::from_millis(*late_ms);
+            rtt_run(&net, &share, ctl, *rate, *secs, *size, *inflight, late).await
+        }
         Scenario::ResumeStorm {
             messages,
             send_secs,
@@ -403,6 +407,7 @@ async fn rtt_run(
     secs: u64,
     size: usize,
     inflight: usize,
+    late: Duration,
 ) -> Part {
     let rec = Rec::new("echo");
     let progress = Ctl::progress(rec.clone());
@@ -464,7 +469,7 @@ async fn rtt_run(
                     tokio::time::sleep_until(due).await;
                     let due_us = start_us + pacer.due(j).as_micros() as u64;
                     let now = now_us();
-                    if now > due_us + plan::LATE_SEND.as_micros() as u64 {
+                    if now > due_us + late.as_micros() as u64 {
                         rec.count("late_sends", 1);
                     }
                     let stamp = Stamp {
