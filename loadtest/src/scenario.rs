@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_client::{Client, Event};
+use tether_client::Client;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -96,37 +96,6 @@ pub async fn run(scenario: &Scenario, net: Net, share: Share, ctl: &mut Ctl) -> 
     }
 }
 
-/// How [`flood`] opens connections.
-#[derive(Clone, Copy)]
-struct Flood {
-    /// Connects per second over the whole run (0: as fast as `inflight` allows).
-    rate: f64,
-    /// Connects in flight over the whole run.
-    inflight: usize,
-    /// Clients reconnect (and resume) after a loss.
-    reconnect: bool,
-    /// Attempts after a failed connect.
-    retries: u32,
-    /// The histogram of connect-to-LOGIN_RESULT times.
-    latency: &'static str,
-    /// Time heartbeats (into `heartbeat`).
-    observe: bool,
-}
-
-impl Flood {
-    /// Logins for a scenario that is about something else: unpaced, three retries.
-    fn logins(inflight: usize, reconnect: bool) -> Flood {
-        Flood {
-            rate: 0.0,
-            inflight,
-            reconnect,
-            retries: 3,
-            latency: "login",
-            observe: false,
-        }
-    }
-}
-
 /// Opens this worker's connections as `how` says, each handed to `then` once logged in.
 /// Returns when every attempt has ended.
 async fn flood<F>(net: &Net, share: &Share, rec: &Arc<Rec>, how: Flood, mut then: F)
@@ -147,16 +116,7 @@ where
         let (net, rec, tx) = (net.clone(), rec.clone(), tx.clone());
         tokio::spawn(async move {
             rec.first("start", now_us());
-            let c = open(
-                &net,
-                i,
-                how.reconnect,
-                how.retries,
-                &rec,
-                how.latency,
-                how.observe,
-            )
-            .await;
+            let c = open(&net, i, &rec, &how).await;
             if c.is_some() {
                 rec.last("login", now_us());
             }
@@ -205,7 +165,12 @@ async fn hold_run(
         },
         |_, c, e| {
             clients.push(c);
-            tasks.push(tokio::spawn(watch_idle(e, rec.clone(), stop.clone())));
+            tasks.push(tokio::spawn(watch(
+                e,
+                rec.clone(),
+                stop.clone(),
+                Watch::idle(),
+            )));
         },
     )
     .await;
@@ -301,24 +266,21 @@ async fn fanout_run(
     for j in joins {
         let _ = j.await;
     }
-    let joined = rec.part(false).counter("joined");
+    let joined = rec.counter("joined");
     let watchers: Vec<JoinHandle<()>> = tasks
         .into_iter()
         .map(|events| {
-            tokio::spawn(watch_messages(
-                events,
-                rec.clone(),
-                stop.clone(),
-                unique.clone(),
-                "delivery",
-                None,
-            ))
+            let w = Watch {
+                unique: unique.clone(),
+                ..Watch::idle()
+            };
+            tokio::spawn(watch(events, rec.clone(), stop.clone(), w))
         })
         .collect();
     // Worker 0 also runs the publisher, a member of the room like the others but not
     // counted among them (the gateway does not deliver a member's own room messages back).
     let publisher = if share.index == 0 {
-        match open(net, share.total, false, 3, &rec, "login", false).await {
+        match open(net, share.total, &rec, &Flood::logins(1, false)).await {
             Some((c, e)) => {
                 rec.up.fetch_sub(1, Ordering::Relaxed);
                 match c.join_room(FANOUT_ROOM).await {
@@ -388,7 +350,7 @@ async fn publish(p: &Client, rec: &Arc<Rec>, messages: u64, size: usize, rate: f
         sends.push(tokio::spawn(async move {
             match p.send(0, body).await {
                 Ok(_) => rec.count("published", 1),
-                Err(e) => rec.fail(format!("publish:{e:?}").chars().take(48).collect()),
+                Err(e) => rec.fail(send_reason("publish", &e)),
             }
             drop(permit);
         }));
@@ -429,14 +391,13 @@ async fn rtt_run(
     let watchers: Vec<JoinHandle<()>> = events
         .into_iter()
         .map(|ev| {
-            tokio::spawn(watch_messages(
-                ev,
-                rec.clone(),
-                stop.clone(),
-                echoed.clone(),
-                "echo",
-                Some("echo from send"),
-            ))
+            let w = Watch {
+                unique: echoed.clone(),
+                latency: "echo",
+                from_send: Some("echo from send"),
+                cutting: None,
+            };
+            tokio::spawn(watch(ev, rec.clone(), stop.clone(), w))
         })
         .collect();
     let mut cumulative = Part::default();
@@ -491,7 +452,7 @@ async fn rtt_run(
                                 rec.latency("ack", at.saturating_sub(due_us));
                                 rec.latency("ack from send", at.saturating_sub(now));
                             }
-                            Err(e) => rec.fail(format!("send:{e:?}").chars().take(48).collect()),
+                            Err(e) => rec.fail(send_reason("send", &e)),
                         }
                     }));
                 }
@@ -547,7 +508,7 @@ async fn resume_run(net: &Net, share: &Share, ctl: &mut Ctl, rp: ResumePlan) -> 
     let progress = Ctl::progress(rec.clone());
     let stop = CancellationToken::new();
     let received = Arc::new(AtomicU64::new(0));
-    let cut_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cutting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     let mut watchers = Vec::new();
     flood(
@@ -555,55 +516,14 @@ async fn resume_run(net: &Net, share: &Share, ctl: &mut Ctl, rp: ResumePlan) -> 
         share,
         &rec,
         Flood::logins(rp.inflight, true),
-        |i, c, mut events| {
+        |i, c, events| {
             clients.push((i, c));
-            let (rec, stop, received, cut_done) = (
-                rec.clone(),
-                stop.clone(),
-                received.clone(),
-                cut_done.clone(),
-            );
-            watchers.push(tokio::spawn(async move {
-                let mut seen = Seen::default();
-                let mut logins = 0u32;
-                loop {
-                    tokio::select! {
-                        e = events.next() => match e {
-                            Some(Event::Message { body, .. }) => {
-                                let now = now_us();
-                                let Some(st) = parse_body(&body) else { continue };
-                                if seen.insert(st.n) {
-                                    received.fetch_add(1, Ordering::Relaxed);
-                                    rec.ops.fetch_add(1, Ordering::Relaxed);
-                                    rec.latency("delivery", now.saturating_sub(st.due_us));
-                                } else {
-                                    rec.count("duplicates", 1);
-                                }
-                            }
-                            Some(Event::Online { resumed, .. }) => {
-                                logins += 1;
-                                if logins > 1 {
-                                    rec.up.fetch_add(1, Ordering::Relaxed);
-                                    rec.count(if resumed { "resumed" } else { "not_resumed" }, 1);
-                                    if cut_done.load(Ordering::Relaxed) {
-                                        rec.last("recovered", now_us());
-                                    }
-                                }
-                            }
-                            Some(Event::Offline { .. }) => {
-                                rec.up.fetch_sub(1, Ordering::Relaxed);
-                                rec.count("disconnects", 1);
-                            }
-                            Some(Event::Kicked { .. } | Event::Closed { .. }) | None => {
-                                rec.count("ended", 1);
-                                return;
-                            }
-                            Some(_) => {}
-                        },
-                        () = stop.cancelled() => return,
-                    }
-                }
-            }));
+            let w = Watch {
+                unique: received.clone(),
+                cutting: Some(cutting.clone()),
+                ..Watch::idle()
+            };
+            watchers.push(tokio::spawn(watch(events, rec.clone(), stop.clone(), w)));
         },
     )
     .await;
@@ -639,7 +559,7 @@ async fn resume_run(net: &Net, share: &Share, ctl: &mut Ctl, rp: ResumePlan) -> 
                             Ok(_) => {
                                 acked.fetch_add(1, Ordering::Relaxed);
                             }
-                            Err(e) => rec.fail(format!("send:{e:?}").chars().take(48).collect()),
+                            Err(e) => rec.fail(send_reason("send", &e)),
                         }
                     }));
                 }
@@ -654,7 +574,7 @@ async fn resume_run(net: &Net, share: &Share, ctl: &mut Ctl, rp: ResumePlan) -> 
             tokio::time::sleep_until(start + rp.cut_at + rp.wave_gap * w as u32).await;
             if w == 0 {
                 rec.first("cut", now_us());
-                cut_done.store(true, Ordering::Relaxed);
+                cutting.store(true, Ordering::Relaxed);
             }
             for (i, c) in &clients {
                 if i % waves == w {

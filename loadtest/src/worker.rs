@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,7 +49,7 @@ pub struct Rec {
     /// The scenario's operations so far (heartbeats, logins, deliveries, round trips).
     pub ops: AtomicU64,
     /// Heartbeat round trips are recorded (off once a hold is over and clients close).
-    pub heartbeats: std::sync::atomic::AtomicBool,
+    pub heartbeats: AtomicBool,
     main: &'static str,
 }
 
@@ -70,7 +70,7 @@ impl Rec {
             inner: Mutex::new(Inner::default()),
             up: AtomicI64::new(0),
             ops: AtomicU64::new(0),
-            heartbeats: std::sync::atomic::AtomicBool::new(true),
+            heartbeats: AtomicBool::new(true),
             main,
         })
     }
@@ -96,6 +96,11 @@ impl Rec {
                 i.window.record(us);
             }
         });
+    }
+
+    /// A counter's value so far.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.with(|i| i.counters.get(name).copied().unwrap_or(0))
     }
 
     /// Files what histogram `from` holds so far under `to` and starts `from` afresh (the
@@ -288,23 +293,46 @@ pub fn reason(e: &tether_client::Error) -> String {
     }
 }
 
-/// Connects `i` with up to `retries` more attempts (each failure counted by reason). Logs
-/// the connect-to-LOGIN_RESULT latency of the attempt that worked under `latency`.
-pub async fn open(
-    net: &Net,
-    i: usize,
-    reconnect: bool,
-    retries: u32,
-    rec: &Arc<Rec>,
-    latency: &'static str,
-    observe: bool,
-) -> Option<(Client, Events)> {
-    for attempt in 0..=retries {
-        let cfg = net.config(i, reconnect, observe.then_some(rec));
+/// How connections are opened: by [`open`], and by the scenarios' flood of them.
+#[derive(Clone, Copy, Debug)]
+pub struct Flood {
+    /// Connects per second over the whole run (0: as fast as `inflight` allows).
+    pub rate: f64,
+    /// Connects in flight over the whole run.
+    pub inflight: usize,
+    /// Clients reconnect (and resume) after a loss.
+    pub reconnect: bool,
+    /// Attempts after a failed connect.
+    pub retries: u32,
+    /// The histogram of connect-to-LOGIN_RESULT times.
+    pub latency: &'static str,
+    /// Time heartbeats (into `heartbeat`).
+    pub observe: bool,
+}
+
+impl Flood {
+    /// Logins for a scenario that is about something else: unpaced, three retries.
+    pub fn logins(inflight: usize, reconnect: bool) -> Flood {
+        Flood {
+            rate: 0.0,
+            inflight,
+            reconnect,
+            retries: 3,
+            latency: "login",
+            observe: false,
+        }
+    }
+}
+
+/// Connects `i` with up to `how.retries` more attempts (each failure counted by reason).
+/// Logs the connect-to-LOGIN_RESULT latency of the attempt that worked under `how.latency`.
+pub async fn open(net: &Net, i: usize, rec: &Arc<Rec>, how: &Flood) -> Option<(Client, Events)> {
+    for attempt in 0..=how.retries {
+        let cfg = net.config(i, how.reconnect, how.observe.then_some(rec));
         let t0 = std::time::Instant::now();
         match Client::connect(cfg).await {
             Ok(c) => {
-                rec.latency(latency, t0.elapsed().as_micros() as u64);
+                rec.latency(how.latency, t0.elapsed().as_micros() as u64);
                 rec.up.fetch_add(1, Ordering::Relaxed);
                 if attempt > 0 {
                     rec.count("retried", 1);
@@ -313,7 +341,7 @@ pub async fn open(
             }
             Err(e) => {
                 rec.fail(reason(&e));
-                if attempt < retries {
+                if attempt < how.retries {
                     tokio::time::sleep(Duration::from_millis(50 << attempt.min(5))).await;
                 }
             }
@@ -321,6 +349,14 @@ pub async fn open(
     }
     rec.count("gave_up", 1);
     None
+}
+
+/// A failed send's reason as counted in reports, e.g. `publish:RATE_LIMITED`.
+pub fn send_reason(what: &str, e: &tether_client::SendError) -> String {
+    match e {
+        tether_client::SendError::Nack { code, .. } => format!("{what}:{}", code.as_str_name()),
+        tether_client::SendError::Closed => format!("{what}:closed"),
+    }
 }
 
 /// What a load-test message carries in its first 48 characters of text.
@@ -434,54 +470,50 @@ pub async fn close_all(clients: Vec<Client>, tasks: Vec<tokio::task::JoinHandle<
     }
 }
 
-/// Watches one connection's events until cancelled: the first Online is the login itself;
-/// each later Online is a reconnect, each Offline a disconnect.
-pub async fn watch_idle(
-    mut events: Events,
-    rec: Arc<Rec>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut logins = 0u32;
-    loop {
-        tokio::select! {
-            ev = events.next() => match ev {
-                Some(Event::Online { .. }) => {
-                    logins += 1;
-                    if logins > 1 {
-                        rec.count("reconnects", 1);
-                        rec.up.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Some(Event::Offline { code }) => {
-                    rec.count("unexpected_disconnects", 1);
-                    rec.fail(format!("disconnect:{}", code.map_or("none", |c| c.as_str_name())));
-                    rec.up.fetch_sub(1, Ordering::Relaxed);
-                }
-                Some(Event::Kicked { .. }) | Some(Event::Closed { .. }) | None => {
-                    rec.count("ended", 1);
-                    rec.up.fetch_sub(1, Ordering::Relaxed);
-                    return;
-                }
-                Some(_) => {}
-            },
-            () = stop.cancelled() => return,
+/// What [`watch`] makes of one connection's events.
+#[derive(Clone)]
+pub struct Watch {
+    /// Distinct chat messages received: each message number counts once (with the ops and
+    /// the latencies); a repeat counts as `duplicates`.
+    pub unique: Arc<AtomicU64>,
+    /// The histogram of message latencies from the intended send time...
+    pub latency: &'static str,
+    /// ... and, if named, the one from the actual send.
+    pub from_send: Option<&'static str>,
+    /// Set while connections are cut on purpose (resume-storm): a disconnect is then
+    /// expected, and a login after it marks `recovered`.
+    pub cutting: Option<Arc<AtomicBool>>,
+}
+
+impl Watch {
+    /// For connections expected to carry no chat messages.
+    pub fn idle() -> Watch {
+        Watch {
+            unique: Arc::default(),
+            latency: "delivery",
+            from_send: None,
+            cutting: None,
         }
     }
 }
 
-/// Counts the chat messages arriving on one connection until cancelled: each message
-/// number once (into `unique`, the ops count and the `latency` histogram, measured from the
-/// message's due time, and `from_send`, measured from when it was actually sent), a repeat
-/// as `duplicates`, a lost connection as `unexpected_disconnects`.
-pub async fn watch_messages(
+/// Watches one connection's events until cancelled. Chat messages as [`Watch`] says; the
+/// first Online is the login itself, each later one a reconnect (`resumed` or
+/// `not_resumed`); each Offline is a disconnect, counted with its reason as a failure
+/// (`unexpected_disconnects`) unless connections are being cut on purpose.
+pub async fn watch(
     mut events: Events,
     rec: Arc<Rec>,
     stop: tokio_util::sync::CancellationToken,
-    unique: Arc<AtomicU64>,
-    latency: &'static str,
-    from_send: Option<&'static str>,
+    w: Watch,
 ) {
     let mut seen = Seen::default();
+    let mut logins = 0u32;
+    let cutting = || {
+        w.cutting
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    };
     loop {
         tokio::select! {
             ev = events.next() => match ev {
@@ -489,19 +521,42 @@ pub async fn watch_messages(
                     let now = now_us();
                     let Some(st) = parse_body(&body) else { continue };
                     if seen.insert(st.n) {
-                        unique.fetch_add(1, Ordering::Relaxed);
+                        w.unique.fetch_add(1, Ordering::Relaxed);
                         rec.ops.fetch_add(1, Ordering::Relaxed);
-                        rec.latency(latency, now.saturating_sub(st.due_us));
-                        if let Some(name) = from_send {
+                        rec.latency(w.latency, now.saturating_sub(st.due_us));
+                        if let Some(name) = w.from_send {
                             rec.latency(name, now.saturating_sub(st.sent_us));
                         }
-                        rec.last(latency, now);
+                        rec.last(w.latency, now);
                     } else {
                         rec.count("duplicates", 1);
                     }
                 }
-                Some(Event::Offline { .. }) => rec.count("unexpected_disconnects", 1),
-                Some(Event::Kicked { .. } | Event::Closed { .. }) | None => return,
+                Some(Event::Online { resumed, .. }) => {
+                    logins += 1;
+                    if logins > 1 {
+                        rec.up.fetch_add(1, Ordering::Relaxed);
+                        rec.count("reconnects", 1);
+                        rec.count(if resumed { "resumed" } else { "not_resumed" }, 1);
+                        if cutting() {
+                            rec.last("recovered", now_us());
+                        }
+                    }
+                }
+                Some(Event::Offline { code }) => {
+                    rec.up.fetch_sub(1, Ordering::Relaxed);
+                    rec.count("disconnects", 1);
+                    if !cutting() {
+                        rec.count("unexpected_disconnects", 1);
+                        let code = code.map_or("none", |c| c.as_str_name());
+                        rec.fail(format!("disconnect:{code}"));
+                    }
+                }
+                Some(Event::Kicked { .. } | Event::Closed { .. }) | None => {
+                    rec.count("ended", 1);
+                    rec.up.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
                 Some(_) => {}
             },
             () = stop.cancelled() => return,
