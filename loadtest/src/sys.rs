@@ -11,8 +11,6 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 /// CPU and memory of a set of processes, summed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProcStats {
@@ -281,14 +279,9 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Responses larger than this are refused rather than buffered.
 const MAX_RESPONSE: usize = 64 << 20;
 
-/// `GET http://<admin>/metrics` (plain HTTP/1.1 over `tokio::net::TcpStream`,
-/// `Connection: close`, 2 s timeout for the whole exchange) and parse the
-/// Prometheus text format with [`parse_prometheus`].
-///
-/// Bodies with `Content-Length`, with `Transfer-Encoding: chunked`, or
-/// delimited by the connection closing are all understood; the exchange
-/// ends as soon as the body is complete, even if the server keeps the
-/// connection open.
+/// `GET http://<admin>/metrics` (hyper's HTTP/1 client, [`SCRAPE_TIMEOUT`] for the whole
+/// exchange, at most [`MAX_RESPONSE`] bytes) and parse the Prometheus text format with
+/// [`parse_prometheus`].
 ///
 /// # Errors
 ///
@@ -297,165 +290,51 @@ const MAX_RESPONSE: usize = 64 << 20;
 pub async fn scrape_metrics(admin: SocketAddr) -> Result<BTreeMap<String, f64>, String> {
     let body = tokio::time::timeout(SCRAPE_TIMEOUT, fetch_metrics(admin))
         .await
-        .map_err(|_| format!("GET http://{admin}/metrics: timed out after 2 s"))??;
+        .map_err(|_| format!("GET http://{admin}/metrics: timed out after {SCRAPE_TIMEOUT:?}"))??;
     Ok(parse_prometheus(&String::from_utf8_lossy(&body)))
 }
 
-/// Performs the request and returns the decoded body of a 200 response.
+/// Performs the request (hyper's HTTP/1 client) and returns the body of a 200 response.
 async fn fetch_metrics(admin: SocketAddr) -> Result<Vec<u8>, String> {
-    let err = |what: &str, e: std::io::Error| format!("GET http://{admin}/metrics: {what}: {e}");
-    let mut stream = tokio::net::TcpStream::connect(admin)
+    use http_body_util::{BodyExt, Empty, Limited};
+    let err =
+        |what: &str, e: &dyn std::fmt::Display| format!("GET http://{admin}/metrics: {what}: {e}");
+    let tcp = tokio::net::TcpStream::connect(admin)
         .await
-        .map_err(|e| err("connect", e))?;
-    let request = format!(
-        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nUser-Agent: tether-loadtest\r\n\
-         Accept: text/plain\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
+        .map_err(|e| err("connect", &e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| err("handshake", &e))?;
+    // Drives the connection; ends with it (or with this task's runtime).
+    tokio::spawn(conn);
+    let request = hyper::Request::get("/metrics")
+        .header(hyper::header::HOST, admin.to_string())
+        .header(hyper::header::USER_AGENT, "tether-loadtest")
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| err("request", &e))?;
+    let response = sender
+        .send_request(request)
         .await
-        .map_err(|e| err("write", e))?;
-    let mut buf = Vec::with_capacity(16 * 1024);
-    let mut chunk = vec![0u8; 16 * 1024];
-    loop {
-        let n = stream.read(&mut chunk).await.map_err(|e| err("read", e))?;
-        if n > 0 {
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.len() > MAX_RESPONSE {
-                return Err(format!(
-                    "GET http://{admin}/metrics: response larger than {MAX_RESPONSE} bytes"
-                ));
-            }
-        }
-        // Stop as soon as the response is complete, even if the server keeps
-        // the connection open despite `Connection: close`.
-        match parse_http_response(&buf, n == 0) {
-            Ok(Some((200, body))) => return Ok(body),
-            Ok(Some((status, body))) => {
-                let text = String::from_utf8_lossy(&body);
-                let text = text.trim();
-                let text: String = text.chars().take(200).collect();
-                return Err(format!("GET http://{admin}/metrics: HTTP {status}: {text}"));
-            }
-            Ok(None) if n == 0 => {
-                // parse_http_response is always final at EOF; be defensive.
-                return Err(format!("GET http://{admin}/metrics: truncated response"));
-            }
-            Ok(None) => {}
-            Err(e) => return Err(format!("GET http://{admin}/metrics: {e}")),
-        }
+        .map_err(|e| err("send", &e))?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| err("body", &e))?
+        .to_bytes();
+    if status != hyper::StatusCode::OK {
+        let text: String = String::from_utf8_lossy(&body)
+            .trim()
+            .chars()
+            .take(200)
+            .collect();
+        return Err(format!(
+            "GET http://{admin}/metrics: HTTP {}: {text}",
+            status.as_u16()
+        ));
     }
-}
-
-/// Parses an HTTP/1.x response held in `buf`.
-///
-/// Returns `Ok(None)` while more bytes are needed (never when `eof`), else
-/// the status code and the decoded body.
-fn parse_http_response(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, String> {
-    let Some(head_end) = find(buf, b"\r\n\r\n") else {
-        return if eof {
-            Err("connection closed before the end of the response headers".into())
-        } else {
-            Ok(None)
-        };
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| "non-UTF-8 response headers")?;
-    let body = &buf[head_end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.split_ascii_whitespace();
-    let version = parts.next().unwrap_or_default();
-    let status: u16 = match parts.next().map(str::parse) {
-        Some(Ok(s)) if version.starts_with("HTTP/1.") => s,
-        _ => return Err(format!("bad status line {status_line:?}")),
-    };
-    let mut chunked = false;
-    let mut content_length: Option<usize> = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let (name, value) = (name.trim(), value.trim());
-        if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value
-                .rsplit(',')
-                .next()
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        } else if name.eq_ignore_ascii_case("content-length") {
-            content_length = Some(
-                value
-                    .parse()
-                    .map_err(|_| format!("bad Content-Length {value:?}"))?,
-            );
-        }
-    }
-    if chunked {
-        return match decode_chunked(body)? {
-            Some(decoded) => Ok(Some((status, decoded))),
-            None if eof => Err("connection closed in the middle of a chunked body".into()),
-            None => Ok(None),
-        };
-    }
-    match content_length {
-        Some(len) if body.len() >= len => Ok(Some((status, body[..len].to_vec()))),
-        Some(len) if eof => Err(format!(
-            "connection closed after {} of {len} body bytes",
-            body.len()
-        )),
-        Some(_) => Ok(None),
-        None if eof => Ok(Some((status, body.to_vec()))),
-        None => Ok(None),
-    }
-}
-
-/// Decodes an HTTP/1.1 chunked body (chunk extensions and trailers are
-/// ignored). `Ok(None)` means the input ends before the terminating chunk.
-fn decode_chunked(mut input: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let mut out = Vec::with_capacity(input.len());
-    loop {
-        let Some(eol) = find(input, b"\n") else {
-            return Ok(None);
-        };
-        let line = std::str::from_utf8(&input[..eol]).map_err(|_| "non-UTF-8 chunk size line")?;
-        let size_text = line.trim_end_matches('\r');
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        input = &input[eol + 1..];
-        if size == 0 {
-            // Trailers (if any) follow until an empty line; their content is
-            // irrelevant, but wait for the final empty line.
-            loop {
-                let Some(eol) = find(input, b"\n") else {
-                    return Ok(None);
-                };
-                let trailer = &input[..eol];
-                input = &input[eol + 1..];
-                if trailer.is_empty() || trailer == b"\r" {
-                    return Ok(Some(out));
-                }
-            }
-        }
-        if input.len() < size {
-            return Ok(None);
-        }
-        out.extend_from_slice(&input[..size]);
-        input = &input[size..];
-        if input.starts_with(b"\r\n") {
-            input = &input[2..];
-        } else if input.starts_with(b"\n") {
-            input = &input[1..];
-        } else if input.is_empty() || input == b"\r" {
-            return Ok(None);
-        } else {
-            return Err("chunk not followed by CRLF".into());
-        }
-    }
-}
-
-/// Position of the first occurrence of `needle` in `haystack`.
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    Ok(body.to_vec())
 }
 
 /// The pure parser, for tests.
@@ -550,6 +429,8 @@ pub fn metric_sum(m: &BTreeMap<String, f64>, name: &str) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     const SAMPLE: &str = r#"# HELP tether_connections Open client connections.
@@ -619,51 +500,6 @@ garbage line here
         merged.insert("h".to_string(), 100.0);
         merged.insert("g{proc=\"3\"}".to_string(), f64::NAN);
         assert_eq!(metric_sum(&merged, "g"), 6.0);
-    }
-
-    #[test]
-    fn decodes_chunked_bodies() {
-        let body = b"4\r\nWiki\r\n6;ext=1\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\nX-Trailer: 1\r\n\r\n";
-        assert_eq!(
-            decode_chunked(body).unwrap().unwrap(),
-            b"Wikipedia in \r\n\r\nchunks.".to_vec()
-        );
-        // Incomplete at every prefix, complete only at the end.
-        for cut in 0..body.len() {
-            assert_eq!(decode_chunked(&body[..cut]).unwrap(), None, "cut {cut}");
-        }
-        assert_eq!(decode_chunked(b"0\r\n\r\n").unwrap(), Some(Vec::new()));
-        assert!(decode_chunked(b"zz\r\nabc\r\n0\r\n\r\n").is_err());
-        assert!(decode_chunked(b"3\r\nabcdef\r\n0\r\n\r\n").is_err());
-    }
-
-    #[test]
-    fn parses_http_responses() {
-        let chunked = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-        assert_eq!(
-            parse_http_response(chunked, false).unwrap(),
-            Some((200, b"hello".to_vec()))
-        );
-        assert_eq!(parse_http_response(&chunked[..60], false).unwrap(), None);
-        assert!(parse_http_response(&chunked[..60], true).is_err());
-
-        let sized = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\ndown";
-        assert_eq!(
-            parse_http_response(sized, false).unwrap(),
-            Some((503, b"down".to_vec()))
-        );
-        assert_eq!(
-            parse_http_response(&sized[..sized.len() - 1], false).unwrap(),
-            None
-        );
-
-        let closed = b"HTTP/1.0 200 OK\r\n\r\na 1\n";
-        assert_eq!(parse_http_response(closed, false).unwrap(), None);
-        assert_eq!(
-            parse_http_response(closed, true).unwrap(),
-            Some((200, b"a 1\n".to_vec()))
-        );
-        assert!(parse_http_response(b"SSH-2.0-x\r\n\r\n", true).is_err());
     }
 
     #[test]
@@ -772,7 +608,7 @@ garbage line here
             let (mut sock, _) = listener.accept().await.unwrap();
             let mut req = Vec::new();
             let mut buf = [0u8; 1024];
-            while find(&req, b"\r\n\r\n").is_none() {
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
                 let n = sock.read(&mut buf).await.unwrap();
                 assert!(n > 0, "client closed early");
                 req.extend_from_slice(&buf[..n]);
