@@ -524,51 +524,56 @@ async fn coordinate(cli: Cli) -> Result<(), String> {
                 live.show(&phase, up.max(0) as u64, rate, p99, merged.failed());
             }
             Some(Msg::Barrier { name, part }) => {
-                at_barrier.insert(w, (name.clone(), part));
-                if at_barrier.len() + done + gone == workers {
-                    snaps.insert(name.clone(), server_snap(&cli, &pids).await);
-                    let answer = if name == "step" {
-                        let mut p = Part::default();
-                        for (_, sp) in at_barrier.values() {
-                            if let Some(sp) = sp {
-                                p.merge(sp)?;
-                            }
-                        }
-                        let (row, held) = rtt_step(&cli, step_rate, &p);
-                        steps.push(row);
-                        match (&cli.scenario, held) {
-                            (
-                                Scenario::Rtt {
-                                    find_max: true,
-                                    max_rate,
-                                    ..
-                                },
-                                _,
-                            ) => match plan::next_step(step_rate, held, *max_rate) {
-                                Some(r) => {
-                                    step_rate = r;
-                                    format!("go {r}")
-                                }
-                                None => "stop".to_string(),
-                            },
-                            _ => "stop".to_string(),
-                        }
-                    } else {
-                        "go".to_string()
-                    };
-                    phase = format!("after {name}");
-                    for s in stdins.iter_mut().flatten() {
-                        let _ = s.write_all(format!("{answer}\n").as_bytes()).await;
-                        let _ = s.flush().await;
-                    }
-                    at_barrier.clear();
-                }
+                at_barrier.insert(w, (name, part));
             }
             Some(Msg::Done { part }) => {
                 merged.merge(&part)?;
                 reported.insert(w);
                 done += 1;
             }
+        }
+        // Every worker still running waits at the barrier (checked after any message, so a
+        // worker that dies does not leave the others waiting for it).
+        if !at_barrier.is_empty() && at_barrier.len() + done + gone == workers {
+            let name = at_barrier
+                .values()
+                .next()
+                .map(|(n, _)| n.clone())
+                .unwrap_or_default();
+            snaps.insert(name.clone(), server_snap(&cli, &pids).await);
+            let answer = if name == "step" {
+                let mut p = Part::default();
+                for (_, sp) in at_barrier.values() {
+                    if let Some(sp) = sp {
+                        p.merge(sp)?;
+                    }
+                }
+                let (row, held) = rtt_step(&cli, step_rate, &p);
+                steps.push(row);
+                let next = match &cli.scenario {
+                    Scenario::Rtt {
+                        find_max: true,
+                        max_rate,
+                        ..
+                    } => plan::next_step(step_rate, held, *max_rate),
+                    _ => None,
+                };
+                match next {
+                    Some(r) => {
+                        step_rate = r;
+                        format!("go {r}")
+                    }
+                    None => "stop".to_string(),
+                }
+            } else {
+                "go".to_string()
+            };
+            phase = format!("after {name}");
+            for s in stdins.iter_mut().flatten() {
+                let _ = s.write_all(format!("{answer}\n").as_bytes()).await;
+                let _ = s.flush().await;
+            }
+            at_barrier.clear();
         }
     }
     live.bar.finish_and_clear();
