@@ -148,7 +148,7 @@ async fn handle(
                     json!({
                         "session_id": hex(&s.id),
                         "device": &*s.device,
-                        "platform": s.platform.as_str_name(),
+                        "platform": s.platform().as_str_name(),
                         "attached": s.is_attached(),
                         "rooms": s.rooms().iter().map(|r| r.to_string()).collect::<Vec<_>>(),
                         "unacked": unacked,
@@ -198,7 +198,16 @@ async fn handle(
                         receipt: 0,
                     };
                     let n = node.push(&target, &push);
-                    json_reply(StatusCode::OK, json!({ "delivered": n }))
+                    json_reply(
+                        StatusCode::OK,
+                        json!({
+                            "delivered": n.accepted(),
+                            "sent": n.sent,
+                            "held": n.held,
+                            "refused_full": n.full,
+                            "refused": n.refused,
+                        }),
+                    )
                 }
             },
         },

@@ -105,7 +105,13 @@ settings! {
     max_unacked_bytes: usize = crate::session::downlink::DEFAULT_MAX_UNACKED_BYTES, "TETHER_MAX_UNACKED_BYTES";
     /// Bytes queued for a connection's socket before it is closed as a slow consumer; keep it above max_unacked_bytes, which a resume replay may write at once [default: 1048576].
     max_outbound_bytes: usize = 1024 * 1024, "TETHER_MAX_OUTBOUND_BYTES";
-    /// Recent uplink ids remembered per session for dedup [default: 128].
+    /// Seconds a session's unacked buffer may stay full with no ack before a push that does not fit closes the connection as a slow consumer (a push to a full buffer is refused to the pusher, retriable, either way) [default: 30].
+    slow_consumer_secs: u32 = crate::session::core::DEFAULT_SLOW_CONSUMER_SECS, "TETHER_SLOW_CONSUMER_SECS";
+    /// Transient (seq 0) downlinks queued per connection between two writes; past it they are refused [default: 64].
+    max_transient: usize = crate::session::core::DEFAULT_MAX_TRANSIENT, "TETHER_MAX_TRANSIENT";
+    /// Rooms one session may be in; a ROOM_JOIN past it gets ROOM_FORBIDDEN before the upstream sees it [default: 256].
+    max_rooms_per_session: usize = crate::session::core::DEFAULT_MAX_ROOMS, "TETHER_MAX_ROOMS_PER_SESSION";
+    /// Recent uplink ids remembered per session for dedup; also the most uplinks a session may have with the upstream at once [default: 128].
     dedup_window: usize = crate::session::dedup::DEFAULT_DEDUP_WINDOW, "TETHER_DEDUP_WINDOW";
     /// Which earlier sessions a login replaces [default: per-device].
     multi_device: MultiDevice = MultiDevice::PerDevice, "TETHER_MULTI_DEVICE";
@@ -135,7 +141,7 @@ settings! {
     drain_linger_ms: u32 = 5_000, "TETHER_DRAIN_LINGER_MS";
     /// An UPLINK or room request the upstream has not answered in this many ms gets UPSTREAM_TIMEOUT [default: 10000].
     upstream_timeout_ms: u32 = 10_000, "TETHER_UPSTREAM_TIMEOUT_MS";
-    /// UPLINKs a session may send per second on average; past it they are acked RATE_LIMITED; 0: no limit [default: 50].
+    /// UPLINKs (and ROOM_JOIN/ROOM_LEAVE) a session may send per second on average; past it they are answered RATE_LIMITED; the bucket carries over to a new login of the same device; 0: no limit [default: 50].
     uplink_rate: u32 = 50, "TETHER_UPLINK_RATE";
     /// UPLINKs a session may send in a burst above the rate [default: 100].
     uplink_burst: u32 = 100, "TETHER_UPLINK_BURST";
@@ -188,6 +194,19 @@ impl Config {
         DownlinkLimits {
             max_frames: self.max_unacked_frames,
             max_bytes: self.max_unacked_bytes,
+        }
+    }
+
+    pub fn session_limits(&self) -> crate::session::core::SessionLimits {
+        crate::session::core::SessionLimits {
+            downlink: self.downlink_limits(),
+            max_body: crate::session::core::SessionLimits::max_body_for(&self.limits()),
+            dedup_window: self.dedup_window,
+            uplink_rate: self.uplink_rate,
+            uplink_burst: self.uplink_burst,
+            max_transient: self.max_transient,
+            max_rooms: self.max_rooms_per_session,
+            slow_consumer_secs: self.slow_consumer_secs,
         }
     }
 

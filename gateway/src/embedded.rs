@@ -23,8 +23,8 @@ use tether_protocol::chat::{chat_message::Target as ChatTarget, ChatMessage};
 use tether_protocol::pb::ErrorCode;
 
 use crate::config::Config;
-use crate::node::{Push, Session, Target};
-use crate::upstream::{EndReason, Hub, Outcome, Reply, SessionRef, Uplink, Upstream};
+use crate::node::{Delivery, Push, Session, Target};
+use crate::upstream::{Downlink, EndReason, Hub, Outcome, Reply, SessionRef, Uplink, Upstream};
 
 /// The body_type of `tether.chat.v1.ChatMessage`.
 pub const CHAT_BODY_TYPE: u32 = 0;
@@ -111,7 +111,7 @@ fn others(hub: &Hub, sessions: Vec<Arc<Session>>, not: &Session, push: &Push) ->
     let mut n = 0;
     for s in sessions {
         if s.id != not.id {
-            n += hub.deliver(&s, push, None) as usize;
+            n += matches!(hub.deliver(&s, push, None), Delivery::Sent | Delivery::Held) as usize;
         }
     }
     n
@@ -133,7 +133,14 @@ impl Upstream for ChatUpstream {
         }
     }
 
-    fn session_ended(&self, _hub: &Hub, _session: &SessionRef, _reason: EndReason) {}
+    fn session_ended(
+        &self,
+        _hub: &Hub,
+        _session: &SessionRef,
+        _reason: EndReason,
+        _undelivered: &[Downlink],
+    ) {
+    }
 
     fn uplink(&self, hub: &Hub, session: &SessionRef, uplink: Uplink, reply: Reply) {
         let mut msg = match Self::decode(hub, &uplink) {
@@ -156,7 +163,7 @@ impl Upstream for ChatUpstream {
                 if user.is_empty() {
                     return reply.send(Outcome::err(ErrorCode::Rejected, "empty to_user"));
                 }
-                let n = hub.push(&Target::User(user.clone()), &push);
+                let n = hub.push(&Target::User(user.clone()), &push).accepted();
                 if n == 0 {
                     self.enqueue_offline(&user, now, push.body.clone());
                 }
@@ -165,7 +172,7 @@ impl Upstream for ChatUpstream {
                 }
             }
             Some(ChatTarget::ToRoom(room)) => {
-                if !session.rooms().iter().any(|r| **r == *room) {
+                if !session.in_room(&room) {
                     return reply.send(Outcome::err(
                         ErrorCode::Rejected,
                         "not a member of the room",
@@ -184,7 +191,7 @@ impl Upstream for ChatUpstream {
         if room.is_empty() {
             return reply.send(Outcome::err(ErrorCode::RoomNotFound, "empty room id"));
         }
-        if session.rooms().iter().any(|r| **r == *room) {
+        if session.in_room(room) {
             return reply.ok();
         }
         if hub.room_size(room) >= self.room_max_members {
@@ -194,7 +201,7 @@ impl Upstream for ChatUpstream {
     }
 
     fn room_leave(&self, _hub: &Hub, session: &SessionRef, room: &str, reply: Reply) {
-        if session.rooms().iter().any(|r| **r == *room) {
+        if session.in_room(room) {
             reply.ok()
         } else {
             reply.send(Outcome::err(ErrorCode::RoomNotFound, "not a member"))

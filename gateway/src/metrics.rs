@@ -37,7 +37,9 @@ pub struct Metrics {
     pub heartbeat_timeouts: Counter,
     pub login_timeouts: Counter,
     pub slow_consumers: Counter,
-    pub queue_overflows: Counter,
+    pub pushes_refused: Family<Labels, Counter>,
+    pub undelivered: Family<Labels, Counter>,
+    pub buffered_bytes: Gauge,
     pub sessions_ended: Family<Labels, Counter>,
     pub decode_errors: Family<Labels, Counter>,
     pub upstream_latency: Histogram,
@@ -130,10 +132,20 @@ impl Metrics {
                 "Connections closed as slow consumers",
                 Counter::default()
             ),
-            queue_overflows: reg!(
-                "queue_overflows",
-                "Unacked downlinks dropped from full session buffers",
-                Counter::default()
+            pushes_refused: reg!(
+                "pushes_refused",
+                "Downlinks a session refused, by reason (full: retriable once it acks)",
+                Family::default()
+            ),
+            undelivered: reg!(
+                "undelivered",
+                "Accepted downlinks handed back to the upstream undelivered, by why the session ended",
+                Family::default()
+            ),
+            buffered_bytes: reg!(
+                "downlink_buffered_bytes",
+                "Body bytes of accepted, unacked downlinks held by live sessions",
+                Gauge::default()
             ),
             sessions_ended: reg!(
                 "sessions_ended",

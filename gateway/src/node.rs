@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use crate::timer::Tick;
+
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use hashbrown::HashTable;
@@ -18,29 +20,19 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tether_codec::{Frame, Header, Limits};
 use tether_protocol::pb::{self, ErrorCode, KickReason, Platform};
-use thin_vec::ThinVec;
 
 use crate::auth::{Authenticator, Identity};
 use crate::clock::Clock;
 use crate::config::{Config, MultiDevice};
 use crate::metrics::Metrics;
-use crate::session::dedup::{Seen, UplinkDedup};
-use crate::session::downlink::DownlinkBuffer;
+pub use crate::session::core::{ConnRef, Delivery, Link, Refusal};
+use crate::session::core::{PushBody, SessionCore, SessionLimits, Verdict};
 use crate::upstream::{EndReason, Outcome, Reply, ReplyInner, Uplink, Upstream};
 
 /// 128 random bits (PROTOCOL.md §4.2).
 pub type SessionId = [u8; 16];
 
 const SHARDS: usize = 64;
-
-/// A connection, as a worker command addresses it: the worker, its slab slot, and the slot's
-/// generation (a reused slot has a new one, so a stale command finds nothing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnRef {
-    pub worker: u16,
-    pub slot: u32,
-    pub gen: u32,
-}
 
 /// What a worker is asked to do.
 #[derive(Debug)]
@@ -69,75 +61,13 @@ struct WorkerLink {
     woken: AtomicBool,
 }
 
-/// Where a session's connection is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Link {
-    Attached(ConnRef),
-    /// Waiting for a resume; `epoch` tells this detach from a later one.
-    Detached {
-        epoch: u32,
-    },
-    Ended,
-}
-
-pub(crate) struct State {
-    pub downlink: DownlinkBuffer,
-    pub dedup: UplinkDedup,
-    pub link: Link,
-    /// The highest seq written to the attached connection.
-    pub sent: u64,
-    pub flush_queued: bool,
-    /// A resume attached this session: its next fill is a replay, packed into gzip BATCH
-    /// frames when long. Live traffic is never packed per connection (encode once, send to
-    /// many: a burst of a busy room would otherwise be compressed once per member).
-    pub replay: bool,
-    pub epoch: u32,
-    /// Transient (seq 0) downlinks waiting for the next flush.
-    /// (ThinVec: 8 bytes and no allocation while empty, which is nearly always.)
-    pub transient: ThinVec<(u32, bool, Bytes)>,
-    pub rooms: ThinVec<Arc<str>>,
-    pub bucket: TokenBucket,
-}
-
-/// A token bucket for a session's uplinks: 8 bytes, time in milliseconds of the gateway clock.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct TokenBucket {
-    /// Tokens spent and not yet refilled, in thousandths of a token.
-    debt_milli: u32,
-    /// When `debt_milli` was last brought up to date (gateway ms, truncated).
-    at_ms: u32,
-}
-
-impl TokenBucket {
-    /// Takes one token at `now_ms` with `rate` per second and `burst` above it. `None`: go
-    /// ahead; `Some(ms)`: refused, a token is back in `ms`. `rate` 0 means no limit.
-    pub(crate) fn take(&mut self, now_ms: u64, rate: u32, burst: u32) -> Option<u32> {
-        if rate == 0 {
-            return None;
-        }
-        let now = now_ms as u32;
-        let elapsed = now.wrapping_sub(self.at_ms) as u64;
-        let refill = elapsed.saturating_mul(rate as u64).min(u32::MAX as u64) as u32;
-        self.debt_milli = self.debt_milli.saturating_sub(refill);
-        self.at_ms = now;
-        let cap = burst.max(1).saturating_mul(1000);
-        if self.debt_milli + 1000 > cap {
-            let missing = self.debt_milli + 1000 - cap;
-            return Some(missing.div_ceil(rate).max(1));
-        }
-        self.debt_milli += 1000;
-        None
-    }
-}
-
 /// One session: a (user, device) logged in, attached to a connection or waiting for one.
+/// What never changes is here; everything else is its [`SessionCore`], under its lock.
 pub struct Session {
     pub id: SessionId,
     pub user: Arc<str>,
     pub device: Box<str>,
-    pub platform: Platform,
-    pub accept_gzip: bool,
-    pub(crate) state: Mutex<State>,
+    pub(crate) state: Mutex<SessionCore>,
 }
 
 impl std::fmt::Debug for Session {
@@ -156,18 +86,25 @@ pub fn hex(id: &[u8]) -> String {
 
 impl Session {
     pub fn is_attached(&self) -> bool {
-        matches!(self.state.lock().link, Link::Attached(_))
+        self.state.lock().is_attached()
     }
 
     pub fn rooms(&self) -> Vec<Arc<str>> {
-        self.state.lock().rooms.to_vec()
+        self.state.lock().rooms().to_vec()
+    }
+
+    pub fn in_room(&self, room: &str) -> bool {
+        self.state.lock().in_room(room)
+    }
+
+    /// The platform of the latest login or resume.
+    pub fn platform(&self) -> Platform {
+        self.state.lock().platform()
     }
 
     /// (unacked downlinks, their body bytes, last seq pushed).
     pub fn downlink_state(&self) -> (usize, usize, u64) {
-        let st = self.state.lock();
-        let (n, b) = st.downlink.unacked();
-        (n, b, st.downlink.last_seq())
+        self.state.lock().downlink_state()
     }
 }
 
@@ -200,6 +137,36 @@ impl Push {
             body: body.into(),
             transient: false,
             receipt: 0,
+        }
+    }
+}
+
+/// What became of a push, counted over the sessions it reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// Queued to attached connections.
+    pub sent: usize,
+    /// Held for the resume of detached sessions.
+    pub held: usize,
+    /// Refused by sessions whose buffer is full (retriable once they ack).
+    pub full: usize,
+    /// Refused for another reason (too large, a transient push to a detached session).
+    pub refused: usize,
+}
+
+impl PushReport {
+    /// Sessions that took it (sent or held).
+    pub fn accepted(&self) -> usize {
+        self.sent + self.held
+    }
+
+    fn add(&mut self, d: Delivery) {
+        match d {
+            Delivery::Sent => self.sent += 1,
+            Delivery::Held => self.held += 1,
+            Delivery::Refused(Refusal::Full) => self.full += 1,
+            Delivery::Refused(Refusal::Ended) => {}
+            Delivery::Refused(_) => self.refused += 1,
         }
     }
 }
@@ -266,6 +233,7 @@ pub struct Node {
     pub limits: Limits,
     pub clock: Clock,
     pub metrics: Metrics,
+    pub(crate) session_limits: SessionLimits,
     auth: Box<dyn Authenticator>,
     upstream: Arc<dyn Upstream>,
     workers: OnceLock<Vec<WorkerLink>>,
@@ -277,6 +245,8 @@ pub struct Node {
     rooms: Shards<Arc<str>, HashMap<SessionId, Arc<Session>>>,
     pub(crate) connections: AtomicUsize,
     session_count: AtomicUsize,
+    /// Body bytes of accepted, unacked downlinks over every live session.
+    buffered: AtomicUsize,
     draining: AtomicBool,
     pub(crate) stopped_workers: AtomicU32,
     /// Requests with the upstream, by deadline (the timeout is fixed, so this is a FIFO).
@@ -317,6 +287,7 @@ impl Node {
     ) -> Arc<Node> {
         let node = Arc::new(Node {
             limits: config.limits(),
+            session_limits: config.session_limits(),
             config,
             clock,
             metrics: Metrics::new(),
@@ -328,6 +299,7 @@ impl Node {
             rooms: Shards::new(),
             connections: AtomicUsize::new(0),
             session_count: AtomicUsize::new(0),
+            buffered: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             stopped_workers: AtomicU32::new(0),
             pending: Mutex::new(Default::default()),
@@ -478,13 +450,38 @@ impl Node {
         }
     }
 
-    /// Binds an authenticated login on `conn` to a session: resumes the one it names if that
-    /// is allowed (PROTOCOL.md §6.6), or makes a fresh one, replacing older sessions as the
-    /// multi-device policy says.
-    pub(crate) fn bind(&self, id: Identity, login: &pb::Login, conn: ConnRef) -> Bound {
+    /// Runs `f` on a session's core under its lock, keeping the node's count of buffered
+    /// bytes in step with what `f` did to the buffer.
+    pub(crate) fn with_core<R>(&self, s: &Session, f: impl FnOnce(&mut SessionCore) -> R) -> R {
+        let mut core = s.state.lock();
+        let before = core.downlink_state().1;
+        let r = f(&mut core);
+        let after = core.downlink_state().1;
+        drop(core);
+        if after != before {
+            // Wrapping: a decrease is the two's complement of its size.
+            let total = self
+                .buffered
+                .fetch_add(after.wrapping_sub(before), Ordering::Relaxed)
+                .wrapping_add(after.wrapping_sub(before));
+            self.metrics.buffered_bytes.set(total as i64);
+        }
+        r
+    }
+
+    /// Body bytes of accepted, unacked downlinks over every live session.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered.load(Ordering::Relaxed)
+    }
+
+    /// Binds an authenticated login on `conn` at `now` to a session: resumes the one it names
+    /// if that is allowed (PROTOCOL.md §6.6), or makes a fresh one, replacing older sessions
+    /// as the multi-device policy says.
+    pub(crate) fn bind(&self, id: Identity, login: &pb::Login, conn: ConnRef, now: Tick) -> Bound {
         let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
+        let accept_gzip = login.compression.contains(&(pb::Compression::Gzip as i32));
         if let Some(r) = &login.resume {
-            match self.try_resume(&id, r, conn) {
+            match self.try_resume(&id, r, conn, accept_gzip, platform, now) {
                 Some(b) => {
                     Metrics::inc(&self.metrics.resumes, "outcome", "resumed");
                     self.upstream.session_opened(&self.arc(), &b.session, true);
@@ -493,25 +490,11 @@ impl Node {
                 None => Metrics::inc(&self.metrics.resumes, "outcome", "not_resumed"),
             }
         }
-        let accept_gzip = login.compression.contains(&(pb::Compression::Gzip as i32));
         let session = Arc::new(Session {
             id: random_id(),
             user: Arc::from(id.user_id.as_str()),
             device: id.device_id.into_boxed_str(),
-            platform,
-            accept_gzip,
-            state: Mutex::new(State {
-                downlink: DownlinkBuffer::default(),
-                dedup: UplinkDedup::default(),
-                link: Link::Attached(conn),
-                sent: 0,
-                flush_queued: false,
-                replay: false,
-                epoch: 0,
-                transient: ThinVec::new(),
-                rooms: ThinVec::new(),
-                bucket: TokenBucket::default(),
-            }),
+            state: Mutex::new(SessionCore::new(conn, accept_gzip, platform, now)),
         });
         // In the id map before the user's list: a concurrent login that replaces this
         // session finds it in the list and its `end` must find it in the map too.
@@ -535,7 +518,7 @@ impl Node {
                 let replace = match self.config.multi_device {
                     MultiDevice::PerDevice => s.device == session.device,
                     MultiDevice::PerPlatformClass => {
-                        s.device == session.device || platform_class(s.platform) == class
+                        s.device == session.device || platform_class(s.platform()) == class
                     }
                     MultiDevice::Single => true,
                 };
@@ -552,7 +535,13 @@ impl Node {
         self.session_count.fetch_add(1, Ordering::Relaxed);
         self.metrics.sessions.inc();
         for (victim, reason) in victims {
-            self.end(&victim, EndReason::Replaced(reason));
+            let carry = self.end(&victim, EndReason::Replaced(reason));
+            if let Some(carry) = carry.filter(|_| victim.device == session.device) {
+                // The same device logging in again carries on with its rate bucket and its
+                // dedup window: a re-login neither refills the bucket nor forwards a resend
+                // again.
+                session.state.lock().inherit(carry);
+            }
         }
         self.upstream.session_opened(&self.arc(), &session, false);
         Bound {
@@ -562,88 +551,80 @@ impl Node {
         }
     }
 
-    fn try_resume(&self, id: &Identity, r: &pb::Resume, conn: ConnRef) -> Option<Bound> {
+    fn try_resume(
+        &self,
+        id: &Identity,
+        r: &pb::Resume,
+        conn: ConnRef,
+        accept_gzip: bool,
+        platform: Platform,
+        now: Tick,
+    ) -> Option<Bound> {
         let sid: SessionId = r.session_id.as_ref().try_into().ok()?;
         let session = self.session(&sid)?;
         if *session.user != *id.user_id || *session.device != *id.device_id {
             return None;
         }
-        let (gap, receipts, old) = {
-            let mut st = session.state.lock();
-            let old = match st.link {
-                Link::Ended => return None,
-                Link::Attached(c) => Some(c),
-                Link::Detached { .. } => None,
-            };
-            st.link = Link::Attached(conn);
-            // A last_seq above what was ever sent counts as the highest seq sent (§6.6), not
-            // as the highest pushed: downlinks buffered while detached were never seen.
-            let last_seq = r.last_seq.min(st.sent);
-            let mut receipts = Vec::new();
-            st.downlink.ack(last_seq, |d| {
-                if d.receipt != 0 {
-                    receipts.push(d.receipt);
-                }
-            });
-            let gap = st.downlink.resume(last_seq).gap;
-            st.sent = st.downlink.acked().max(gap.map_or(0, |g| g.1));
-            st.flush_queued = false;
-            st.replay = true;
-            st.transient.clear();
-            (gap, receipts, old)
-        };
-        if let Some(old) = old {
-            // The client came back before we noticed it had gone: drop the old connection.
-            self.send(old.worker, Cmd::Close(old, None));
+        let resumed = self.with_core(&session, |core| {
+            core.resume(conn, r.last_seq, accept_gzip, platform, now)
+        })?;
+        if let Some(old) = resumed.replaced {
+            // The client came back before we noticed it had gone, or another instance holds
+            // the session: that connection is done, the session goes on here (§6.6).
+            self.send(
+                old.worker,
+                Cmd::Kick(
+                    old,
+                    KickReason::ResumedElsewhere,
+                    "resumed on another connection".into(),
+                ),
+            );
         }
-        if !receipts.is_empty() {
-            self.upstream.delivered(&self.arc(), &session, &receipts);
+        if !resumed.receipts.is_empty() {
+            self.upstream
+                .delivered(&self.arc(), &session, &resumed.receipts);
         }
         Some(Bound {
             session,
             resumed: true,
-            gap,
+            gap: resumed.gap,
         })
     }
 
     /// The connection `conn` of `session` is gone: the session waits for a resume. Returns
     /// the detach epoch to expire it by, or `None` if the session had moved on.
     pub(crate) fn detach(&self, session: &Session, conn: ConnRef) -> Option<u32> {
-        let mut st = session.state.lock();
-        if st.link != Link::Attached(conn) {
-            return None;
-        }
-        st.epoch = st.epoch.wrapping_add(1);
-        st.link = Link::Detached { epoch: st.epoch };
-        st.transient.clear();
-        st.flush_queued = false;
-        Some(st.epoch)
+        session.state.lock().detach(conn)
     }
 
     /// The grace period of the detach `epoch` is over: end the session if it is still
     /// detached since then.
     pub(crate) fn expire(&self, session: &Arc<Session>, epoch: u32) {
         // Checked and ended under one lock: a resume between the two would be undone.
-        self.end_if(session, EndReason::Expired, |link| {
-            link == Link::Detached { epoch }
+        self.end_if(session, EndReason::Expired, |core| {
+            core.detached_since(epoch)
         });
     }
 
-    /// Ends a session: out of the registry and its rooms, upstream told, its connection (if
-    /// any) kicked when `reason` is a kick or replacement.
-    pub fn end(&self, session: &Arc<Session>, reason: EndReason) {
-        self.end_if(session, reason, |_| true);
+    /// Ends a session: out of the registry and its rooms, its buffers released at once, the
+    /// upstream told (with everything accepted and never delivered), its connection (if
+    /// any) kicked when `reason` is a kick or replacement. Returns what a login replacing it
+    /// on the same device carries on with (`None` if it had already ended).
+    pub fn end(
+        &self,
+        session: &Arc<Session>,
+        reason: EndReason,
+    ) -> Option<crate::session::core::Carry> {
+        self.end_if(session, reason, |_| true)
     }
 
-    fn end_if(&self, session: &Arc<Session>, reason: EndReason, when: impl FnOnce(Link) -> bool) {
-        let (link, rooms) = {
-            let mut st = session.state.lock();
-            if st.link == Link::Ended || !when(st.link) {
-                return;
-            }
-            let link = std::mem::replace(&mut st.link, Link::Ended);
-            (link, std::mem::take(&mut st.rooms))
-        };
+    fn end_if(
+        &self,
+        session: &Arc<Session>,
+        reason: EndReason,
+        when: impl FnOnce(&SessionCore) -> bool,
+    ) -> Option<crate::session::core::Carry> {
+        let ended = self.with_core(session, |core| if when(core) { core.end() } else { None })?;
         {
             let h = self.sessions.hash(&session.id);
             let mut sessions = self.sessions.shard(h).lock();
@@ -662,13 +643,19 @@ impl Node {
                 }
             }
         }
-        for room in rooms {
-            self.room_remove_entry(&room, &session.id);
+        for room in &ended.rooms {
+            self.room_remove_entry(room, &session.id);
         }
         self.session_count.fetch_sub(1, Ordering::Relaxed);
         self.metrics.sessions.dec();
         Metrics::inc(&self.metrics.sessions_ended, "reason", reason.label());
-        if let Link::Attached(c) = link {
+        if !ended.undelivered.is_empty() {
+            self.metrics
+                .undelivered
+                .get_or_create(&[("reason", reason.label())])
+                .inc_by(ended.undelivered.len() as u64);
+        }
+        if let Link::Attached(c) = ended.link {
             match reason {
                 EndReason::Replaced(k) | EndReason::Kicked(k) => {
                     let msg = match k {
@@ -683,7 +670,9 @@ impl Node {
                 }
             }
         }
-        self.upstream.session_ended(&self.arc(), session, reason);
+        self.upstream
+            .session_ended(&self.arc(), session, reason, &ended.undelivered);
+        Some(ended.carry)
     }
 
     /// Kicks every session of a user. Returns how many.
@@ -713,17 +702,12 @@ impl Node {
         }
     }
 
-    /// Puts a session in a room (the upstream said yes). False if the session has ended.
+    /// Puts a session in a room (the upstream said yes). False if the session has ended or
+    /// is in `max_rooms_per_session` rooms already.
     pub fn room_add(&self, room: &str, session: &Arc<Session>) -> bool {
         let room: Arc<str> = Arc::from(room);
-        {
-            let mut st = session.state.lock();
-            if st.link == Link::Ended {
-                return false;
-            }
-            if !st.rooms.contains(&room) {
-                st.rooms.push(room.clone());
-            }
+        if !session.state.lock().room_add(&room, &self.session_limits) {
+            return false;
         }
         self.rooms
             .shard(&*room)
@@ -734,8 +718,8 @@ impl Node {
         // An `end` or a LEAVE may have run between the two steps: the registry must not keep
         // a member the session no longer lists.
         let still = {
-            let st = session.state.lock();
-            st.link != Link::Ended && st.rooms.contains(&room)
+            let core = session.state.lock();
+            !core.is_ended() && core.in_room(&room)
         };
         if !still {
             self.room_remove_entry(&room, &session.id);
@@ -745,12 +729,7 @@ impl Node {
 
     /// Takes a session out of a room. False if it was not in it.
     pub fn room_remove(&self, room: &str, session: &Session) -> bool {
-        let was = {
-            let mut st = session.state.lock();
-            let n = st.rooms.len();
-            st.rooms.retain(|r| **r != *room);
-            n != st.rooms.len()
-        };
+        let was = session.state.lock().room_remove(room);
         self.room_remove_entry(room, &session.id);
         was
     }
@@ -789,18 +768,19 @@ impl Node {
         }
     }
 
-    /// Pushes a downlink to `target`. Returns the sessions it was queued to (attached ones
-    /// and ones in their grace period; transient pushes only count attached ones).
-    pub fn push(&self, target: &Target, push: &Push) -> usize {
-        let gz = (push.body.len() >= self.config.compress_threshold)
-            .then(|| {
-                self.config
-                    .compress()
-                    .compress(push.body.clone(), &self.limits)
-            })
-            .and_then(|(b, gz)| gz.then_some(b));
-        let mut n = 0;
-        let mut each = |s: &Arc<Session>| n += self.deliver(s, push, gz.as_ref()) as usize;
+    /// The gzip form of a push's body, if it is worth compressing (once, for every session
+    /// that takes gzip).
+    pub fn compressed(&self, body: &Bytes) -> Option<Bytes> {
+        (body.len() >= self.config.compress_threshold)
+            .then(|| self.config.compress().compress(body.clone(), &self.limits))
+            .and_then(|(b, gz)| gz.then_some(b))
+    }
+
+    /// Pushes a downlink to `target`: what became of it, counted over the sessions found.
+    pub fn push(&self, target: &Target, push: &Push) -> PushReport {
+        let gz = self.compressed(&push.body);
+        let mut report = PushReport::default();
+        let mut each = |s: &Arc<Session>| report.add(self.deliver(s, push, gz.as_ref()));
         match target {
             Target::Session(id) => {
                 if let Some(s) = self.session(id) {
@@ -814,109 +794,92 @@ impl Node {
             Target::Room(r) => self.room_members(r).iter().for_each(each),
             Target::All => self.all_sessions().iter().for_each(each),
         }
-        n
+        report
     }
 
-    /// Whether a DOWNLINK with a body of `len` bytes fits the frame limit (with room for the
-    /// largest DOWNLINK header: two varints).
+    /// Whether a DOWNLINK with a body of `len` bytes fits the frame limit.
     pub fn fits_a_frame(&self, len: usize) -> bool {
-        const MAX_DOWNLINK_HEADER: usize = 2 + 10 + 1 + 5;
-        (tether_protocol::MIN_LENGTH as usize + MAX_DOWNLINK_HEADER + len)
-            <= self.limits.frame_len_cap() as usize
+        len <= self.session_limits.max_body
     }
 
-    /// Queues one downlink on one session and asks its worker to write it.
-    pub fn deliver(&self, s: &Session, push: &Push, gz: Option<&Bytes>) -> bool {
-        let (gzip, body) = match gz {
-            Some(b) if s.accept_gzip => (true, b.clone()),
-            _ => (false, push.body.clone()),
-        };
-        if !self.fits_a_frame(body.len()) {
-            // It could never be written: refuse it here rather than skip a seq later.
-            Metrics::inc(&self.metrics.decode_errors, "error", "downlink_too_large");
-            return false;
-        }
-        let mut st = s.state.lock();
-        let conn = match st.link {
-            Link::Ended => return false,
-            Link::Detached { .. } if push.transient => return false,
-            Link::Detached { .. } => None,
-            Link::Attached(c) => Some(c),
-        };
-        if push.transient {
-            st.transient.push((push.body_type, gzip, body));
-        } else {
-            let limits = self.config.downlink_limits();
-            let pushed = st
-                .downlink
-                .push(push.body_type, gzip, body, push.receipt, &limits);
-            self.metrics.downlinks.inc();
-            if pushed.dropped > 0 {
-                self.metrics.queue_overflows.inc_by(pushed.dropped as u64);
-                if let Some(c) = conn {
-                    // The client neither reads nor acks fast enough (PROTOCOL.md §6.5).
-                    self.send(c.worker, Cmd::Close(c, Some(ErrorCode::SlowConsumer)));
-                    return true;
-                }
-            }
-        }
-        if let Some(c) = conn {
-            if !st.flush_queued {
-                st.flush_queued = true;
-                self.send(c.worker, Cmd::Flush(c));
-            }
-        }
-        true
+    /// Whether `session` would take a downlink of `len` body bytes now (a pusher that must
+    /// not deliver to some targets and not others checks every target first).
+    pub fn has_room(&self, session: &Session, len: usize) -> bool {
+        session.state.lock().has_room(len, &self.session_limits)
     }
 
-    /// An UPLINK from `session`: dedup, then forward to the upstream. The ack goes to the
-    /// session's connection when the upstream answers. Returns an ack to send now, if any.
+    /// Queues one downlink on one session (`gz`: its body compressed, for a session that
+    /// takes gzip) and asks its worker to write it.
+    pub fn deliver(&self, s: &Session, push: &Push, gz: Option<&Bytes>) -> Delivery {
+        let body = PushBody {
+            body_type: push.body_type,
+            plain: &push.body,
+            gzip: gz,
+            receipt: push.receipt,
+            transient: push.transient,
+        };
+        let now = self.clock.now();
+        let pushed = self.with_core(s, |core| core.push(&body, &self.session_limits, now));
+        match pushed.delivery {
+            Delivery::Sent | Delivery::Held if !push.transient => {
+                self.metrics.downlinks.inc();
+            }
+            Delivery::Refused(r) => {
+                let label = match r {
+                    Refusal::Full => "full",
+                    Refusal::Ended => "ended",
+                    Refusal::NotAttached => "not_attached",
+                    Refusal::TooLarge => "too_large",
+                };
+                Metrics::inc(&self.metrics.pushes_refused, "reason", label);
+            }
+            _ => {}
+        }
+        if let Some(c) = pushed.slow {
+            // Its buffer has been full, with no ack, for slow_consumer_secs (§6.5).
+            self.send(c.worker, Cmd::Close(c, Some(ErrorCode::SlowConsumer)));
+        }
+        if let Some(c) = pushed.flush {
+            self.send(c.worker, Cmd::Flush(c));
+        }
+        pushed.delivery
+    }
+
+    /// An UPLINK from `session`: dedup, the rate bucket, then the upstream. The ack goes to
+    /// the session's connection when the upstream answers. Returns an ack to send now, if any.
     pub(crate) fn uplink(&self, session: &Arc<Session>, uplink: Uplink) -> Option<Frame> {
-        if uplink.msg_id == 0 {
-            return Some(uplink_ack(
-                0,
-                &Outcome::err(ErrorCode::Rejected, "msg_id 0"),
-            ));
-        }
         let now_ms = self.clock.elapsed_ms();
-        let seen = {
-            let mut st = session.state.lock();
-            let seen = st.dedup.check(uplink.msg_id, self.config.dedup_window);
-            if seen == Seen::New {
-                if let Some(wait_ms) =
-                    st.bucket
-                        .take(now_ms, self.config.uplink_rate, self.config.uplink_burst)
-                {
-                    // Not forwarded: a resend must be taken as new.
-                    st.dedup.forget(uplink.msg_id);
-                    drop(st);
-                    Metrics::inc(
-                        &self.metrics.uplink_acks,
-                        "code",
-                        ErrorCode::RateLimited.as_str_name(),
-                    );
-                    return Some(uplink_ack(
-                        uplink.msg_id,
-                        &Outcome {
-                            code: ErrorCode::RateLimited,
-                            retry_after_ms: wait_ms,
-                            message: "too many uplinks".into(),
-                        },
-                    ));
-                }
-            }
-            seen
-        };
-        match seen {
-            Seen::InFlight => {
+        let verdict =
+            session
+                .state
+                .lock()
+                .handle_uplink(uplink.msg_id, now_ms, &self.session_limits);
+        match verdict {
+            Verdict::Wait => {
                 self.metrics.uplink_duplicates.inc();
                 None
             }
-            Seen::Done(code) => {
-                self.metrics.uplink_duplicates.inc();
-                Some(uplink_ack(uplink.msg_id, &Outcome::err(code, "")))
+            Verdict::Ack(code, retry_after_ms) => {
+                // A resend answered from the window (rate-limited and msg_id 0 are not).
+                if code != ErrorCode::RateLimited && uplink.msg_id != 0 {
+                    self.metrics.uplink_duplicates.inc();
+                }
+                Metrics::inc(&self.metrics.uplink_acks, "code", code.as_str_name());
+                let message = match code {
+                    ErrorCode::RateLimited => "too many uplinks",
+                    ErrorCode::Rejected if uplink.msg_id == 0 => "msg_id 0",
+                    _ => "",
+                };
+                Some(uplink_ack(
+                    uplink.msg_id,
+                    &Outcome {
+                        code,
+                        retry_after_ms,
+                        message: message.into(),
+                    },
+                ))
             }
-            Seen::New => {
+            Verdict::Forward => {
                 self.metrics.uplinks.inc();
                 let node = self.arc();
                 let s = session.clone();
@@ -936,14 +899,9 @@ impl Node {
             .observe(start.elapsed().as_secs_f64());
         Metrics::inc(&self.metrics.uplink_acks, "code", o.code.as_str_name());
         let link = {
-            let mut st = s.state.lock();
-            match o.code {
-                ErrorCode::UpstreamUnavailable
-                | ErrorCode::UpstreamTimeout
-                | ErrorCode::RateLimited => st.dedup.forget(msg_id),
-                code => st.dedup.complete(msg_id, code),
-            }
-            st.link
+            let mut core = s.state.lock();
+            core.uplink_answered(msg_id, o.code);
+            core.link()
         };
         if let Link::Attached(c) = link {
             self.send(c.worker, Cmd::Send(c, uplink_ack(msg_id, &o)));
@@ -957,26 +915,38 @@ impl Node {
         request_id: u64,
         room: String,
         body: Bytes,
-    ) {
+    ) -> Option<Frame> {
+        let now_ms = self.clock.elapsed_ms();
+        let checked =
+            session
+                .state
+                .lock()
+                .handle_room_request(join, &room, now_ms, &self.session_limits);
+        if let Err((code, _retry)) = checked {
+            let message = match code {
+                ErrorCode::RateLimited => "too many room requests",
+                _ => "in too many rooms",
+            };
+            return Some(room_result(request_id, room, code, message.into()));
+        }
         let node = self.arc();
         let s = session.clone();
         let room2 = room.clone();
-        let reply = Reply::new(move |o: Outcome| {
+        let reply = Reply::new(move |mut o: Outcome| {
             if o.code == ErrorCode::Ok {
-                if join {
-                    node.room_add(&room2, &s);
+                let done = if join {
+                    node.room_add(&room2, &s)
                 } else {
                     node.room_remove(&room2, &s);
+                    true
+                };
+                if !done && !s.state.lock().is_ended() {
+                    o = Outcome::err(ErrorCode::RoomForbidden, "in too many rooms");
                 }
             }
-            let link = s.state.lock().link;
+            let link = s.state.lock().link();
             if let Link::Attached(c) = link {
-                let f = Frame::new(Header::RoomResult(Box::new(pb::RoomResult {
-                    request_id,
-                    room_id: room2,
-                    code: o.code as i32,
-                    message: o.message,
-                })));
+                let f = room_result(request_id, room2, o.code, o.message);
                 node.send(c.worker, Cmd::Send(c, f));
             }
         });
@@ -987,27 +957,27 @@ impl Node {
         } else {
             self.upstream.room_leave(&self.arc(), session, &room, reply);
         }
+        None
     }
 
     /// A cumulative DOWNLINK_ACK: release acked downlinks, report receipts.
     pub(crate) fn downlink_ack(&self, session: &Arc<Session>, seq: u64) {
         self.metrics.downlink_acks.inc();
-        let receipts: Vec<u64> = {
-            let mut st = session.state.lock();
-            // An ack beyond what this connection was sent is capped there (§6.5).
-            let seq = seq.min(st.sent);
-            let mut receipts = Vec::new();
-            st.downlink.ack(seq, |d| {
-                if d.receipt != 0 {
-                    receipts.push(d.receipt);
-                }
-            });
-            receipts
-        };
+        let now = self.clock.now();
+        let receipts = self.with_core(session, |core| core.handle_ack(seq, now));
         if !receipts.is_empty() {
             self.upstream.delivered(&self.arc(), session, &receipts);
         }
     }
+}
+
+fn room_result(request_id: u64, room_id: String, code: ErrorCode, message: String) -> Frame {
+    Frame::new(Header::RoomResult(Box::new(pb::RoomResult {
+        request_id,
+        room_id,
+        code: code as i32,
+        message,
+    })))
 }
 
 pub(crate) fn uplink_ack(msg_id: u64, o: &Outcome) -> Frame {
@@ -1017,32 +987,4 @@ pub(crate) fn uplink_ack(msg_id: u64, o: &Outcome) -> Frame {
         retry_after_ms: o.retry_after_ms,
         message: o.message.clone(),
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::TokenBucket;
-
-    #[test]
-    fn the_bucket_allows_a_burst_then_the_rate() {
-        let mut b = TokenBucket::default();
-        // rate 10/s, burst 3: three at once, the fourth waits 100 ms.
-        for _ in 0..3 {
-            assert_eq!(b.take(1_000, 10, 3), None);
-        }
-        assert_eq!(b.take(1_000, 10, 3), Some(100));
-        assert_eq!(b.take(1_050, 10, 3), Some(50));
-        assert_eq!(b.take(1_100, 10, 3), None);
-        assert_eq!(b.take(1_100, 10, 3), Some(100));
-        // A long pause refills to the burst, no further.
-        for _ in 0..3 {
-            assert_eq!(b.take(60_000, 10, 3), None);
-        }
-        assert!(b.take(60_000, 10, 3).is_some());
-        assert_eq!(
-            TokenBucket::default().take(0, 0, 0),
-            None,
-            "rate 0: no limit"
-        );
-    }
 }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tether_protocol::pb::{ErrorCode, KickReason};
 
 use crate::node::{Node, Session};
+pub use crate::session::downlink::Downlink;
 
 /// The gateway as the upstream sees it: push, kick, look up.
 pub type Hub = Arc<Node>;
@@ -144,8 +145,17 @@ impl Drop for Reply {
 pub trait Upstream: Send + Sync + 'static {
     /// A session logged in (`resumed`: an existing one re-attached to a new connection).
     fn session_opened(&self, hub: &Hub, session: &SessionRef, resumed: bool);
-    /// A session ended for good.
-    fn session_ended(&self, hub: &Hub, session: &SessionRef, reason: EndReason);
+    /// A session ended for good. `undelivered`: every downlink it had accepted and the client
+    /// never acked, oldest first (their `receipt`s, bodies as pushed): the back end keeps
+    /// them for the user (offline) or reports them undelivered; the gateway holds nothing of
+    /// the session any more.
+    fn session_ended(
+        &self,
+        hub: &Hub,
+        session: &SessionRef,
+        reason: EndReason,
+        undelivered: &[Downlink],
+    );
     /// An UPLINK to accept (store) or refuse: answer `reply` once.
     fn uplink(&self, hub: &Hub, session: &SessionRef, uplink: Uplink, reply: Reply);
     /// ROOM_JOIN: answer OK to let the session in (the gateway then adds it), or a code.

@@ -20,12 +20,12 @@ use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
-use tether_codec::{encode_batch, encode_head, Decoder, Frame, Header};
+use tether_codec::{Decoder, Frame, Header};
 use tether_protocol::pb::{self, ErrorCode, KickReason, Platform};
 
 use crate::conn::{Action, Conn, ConnConfig};
 use crate::metrics::Metrics;
-use crate::node::{Cmd, ConnRef, Link, Node, Session};
+use crate::node::{Cmd, ConnRef, Node, Session};
 use crate::timer::{Tick, TimerWheel};
 use crate::upstream::Uplink;
 
@@ -581,13 +581,22 @@ impl Worker {
                     request_id,
                     room_id,
                     body,
-                } => self.node.room_request(&s, true, request_id, room_id, body),
+                } => {
+                    if let Some(f) = self.node.room_request(&s, true, request_id, room_id, body) {
+                        self.queue(slot, &f);
+                    }
+                }
                 Action::RoomLeave {
                     request_id,
                     room_id,
-                } => self
-                    .node
-                    .room_request(&s, false, request_id, room_id, Default::default()),
+                } => {
+                    let f =
+                        self.node
+                            .room_request(&s, false, request_id, room_id, Default::default());
+                    if let Some(f) = f {
+                        self.queue(slot, &f);
+                    }
+                }
                 Action::Send(_) | Action::Close(_) | Action::Login { .. } => {}
             }
         }
@@ -628,7 +637,7 @@ impl Worker {
             return;
         };
         let me = self.me(slot, gen);
-        let bound = node.bind(id, login, me);
+        let bound = node.bind(id, login, me, now);
         Metrics::inc(&node.metrics.logins, "result", "ok");
         let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
         let interval = node.heartbeat_ms(platform);
@@ -689,8 +698,8 @@ impl Worker {
         self.mark_dirty(slot, 0);
     }
 
-    /// Copies the session's new downlinks (seq above what this connection was sent) into the
-    /// outbound bytes.
+    /// Copies what the session has for this connection (a replay, new downlinks, transient
+    /// ones) into the outbound bytes.
     fn fill(&mut self, slot: usize) {
         let Some(e) = self.conns.get_mut(slot) else {
             return;
@@ -699,75 +708,16 @@ impl Worker {
             return;
         };
         let me = conn_ref(self.id, slot, e.gen);
-        let limits = self.node.limits;
         let out = e.out.get_or_insert_with(Default::default);
-        let mut st = s.state.lock();
-        if st.link != Link::Attached(me) {
-            return;
-        }
-        st.flush_queued = false;
-        let mut frames = 0u64;
-        let sent = st.sent;
-        let replay = std::mem::take(&mut st.replay);
-        let pending = st.downlink.after(sent);
-        let n = pending.len();
-        if replay && n >= self.node.config.replay_batch_min.max(2) && s.accept_gzip {
-            // A long replay: BATCH frames of up to max_batch_frames, gzip-compressed.
-            let all: Vec<Frame> = pending
-                .map(|d| Frame {
-                    header: Header::Downlink(pb::Downlink {
-                        seq: d.seq,
-                        body_type: d.body_type,
-                    }),
-                    gzip: d.gzip,
-                    body: d.body.clone(),
-                })
-                .collect();
-            let compress = self.node.config.compress();
-            let per = (limits.max_batch_frames as usize).max(1);
-            let mut rest = &all[..];
-            while !rest.is_empty() {
-                let mut k = rest.len().min(per);
-                loop {
-                    match encode_batch(&rest[..k], &compress, &limits) {
-                        Ok(b) => {
-                            let _ = b.encode(out, &limits);
-                            frames += 1;
-                            break;
-                        }
-                        Err(_) if k > 1 => k /= 2,
-                        Err(_) => {
-                            let _ = rest[0].encode(out, &limits);
-                            frames += 1;
-                            break;
-                        }
-                    }
-                }
-                rest = &rest[k..];
-            }
-        } else {
-            for d in pending {
-                let h = Header::Downlink(pb::Downlink {
-                    seq: d.seq,
-                    body_type: d.body_type,
-                });
-                if encode_head(&h, d.gzip, d.body.len(), out, &limits).is_ok() {
-                    out.extend_from_slice(&d.body);
-                    frames += 1;
-                }
-            }
-        }
-        st.sent = st.downlink.last_seq();
-        // Transient frames after the numbered ones: a resume's replay goes first (§6.6).
-        for (body_type, gzip, body) in st.transient.drain(..) {
-            let h = Header::Downlink(pb::Downlink { seq: 0, body_type });
-            if encode_head(&h, gzip, body.len(), out, &limits).is_ok() {
-                out.extend_from_slice(&body);
-                frames += 1;
-            }
-        }
-        drop(st);
-        self.node.metrics.frames_out.inc_by(frames);
+        let config = &self.node.config;
+        let frames = s.state.lock().poll_transmit(
+            me,
+            out,
+            &self.node.limits,
+            &config.compress(),
+            config.replay_batch_min,
+        );
+        self.node.metrics.frames_out.inc_by(frames.unwrap_or(0));
     }
 
     fn flush_dirty(&mut self) {
@@ -991,6 +941,7 @@ impl Worker {
                             KickReason::LoggedInElsewhere => "logged_in_elsewhere",
                             KickReason::SessionLimit => "session_limit",
                             KickReason::Admin => "admin",
+                            KickReason::ResumedElsewhere => "resumed_elsewhere",
                             _ => "other",
                         };
                         Metrics::inc(&self.node.metrics.kicks, "reason", label);

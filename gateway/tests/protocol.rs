@@ -207,7 +207,7 @@ fn a_live_burst_is_not_packed_into_batches_only_a_resume_replay_is() {
     // twenty DOWNLINK frames (a BATCH would be gzipped for this connection alone).
     let target = tether_gateway::node::Target::Users(vec!["bob".to_string(); 20]);
     let push = tether_gateway::node::Push::new(0, chat_to_user("bob", "burst"));
-    assert_eq!(g.node().push(&target, &push), 20);
+    assert_eq!(g.node().push(&target, &push).sent, 20);
     for seq in 1..=20u64 {
         assert_eq!(bob.downlink().0, seq);
     }
@@ -269,24 +269,39 @@ fn resume_replays_unacked_downlinks_and_after_the_grace_period_the_session_is_ne
 }
 
 #[test]
-fn an_overflowed_buffer_is_reported_as_a_gap() {
+fn a_full_buffer_refuses_new_downlinks_and_keeps_every_one_it_took() {
     let g = start(|c| c.max_unacked_frames = 5);
     let mut bob = Raw::connect(g.addrs()[0]);
     let r = bob.login("bob", "phone", None);
     drop(bob);
     eventually(|| g.node().connections() == 0);
-    let mut alice = Raw::connect(g.addrs()[0]);
-    alice.login("alice", "phone", None);
-    for i in 1..=8u64 {
-        alice.uplink(i, chat_to_user("bob", &format!("m{i}")));
-        assert!(matches!(alice.recv().header, Header::UplinkAck(_)));
+    let target = tether_gateway::node::Target::User("bob".into());
+    let push = |i: u64| {
+        g.node().push(
+            &target,
+            &tether_gateway::node::Push::new(0, format!("m{i}")),
+        )
+    };
+    for i in 1..=5 {
+        assert_eq!(push(i).held, 1, "held for resume, not delivered");
+    }
+    for i in 6..=8 {
+        assert_eq!(push(i).full, 1, "refused to the pusher, retriable");
     }
     let mut bob = Raw::connect(g.addrs()[0]);
     let r2 = bob.login("bob", "phone", Some((r.session_id, 0)));
     assert!(r2.resumed);
-    assert_eq!((r2.gap_from, r2.gap_to), (1, 3));
+    assert_eq!(
+        (r2.gap_from, r2.gap_to),
+        (0, 0),
+        "nothing accepted was dropped"
+    );
     let seqs: Vec<u64> = (0..5).map(|_| bob.downlink().0).collect();
-    assert_eq!(seqs, [4, 5, 6, 7, 8]);
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    bob.ack(5);
+    eventually(|| g.node().user_sessions("bob")[0].downlink_state().0 == 0);
+    assert_eq!(push(6).sent, 1, "room again once acked");
+    assert_eq!(bob.downlink().0, 6);
 }
 
 #[test]
@@ -437,27 +452,41 @@ fn past_the_connection_limit_a_client_is_told_server_busy() {
 #[test]
 fn a_slow_consumer_is_closed_with_its_session_kept_and_memory_bounded() {
     let g = start(|c| {
-        c.max_outbound_bytes = 64 * 1024;
-        c.max_unacked_bytes = 1 << 20;
+        c.max_unacked_bytes = 256 * 1024;
         c.max_unacked_frames = 100_000;
+        c.slow_consumer_secs = 30;
     });
     let mut slow = Raw::connect(g.addrs()[0]);
     slow.s.set_read_timeout(Some(GUARD)).unwrap();
     let r = slow.login("slow", "d", None);
-    // Push far more than the socket buffers hold, and never read.
+    // Push until its buffer is full, and never read or ack.
     let body = vec![b'x'; 16 * 1024];
     let push = tether_gateway::node::Push::new(1, body);
     let target = tether_gateway::node::Target::User("slow".into());
-    let mut pushed = 0;
-    while g.node().connections() == 1 && pushed < 2_000 {
-        g.node().push(&target, &push);
-        pushed += 1;
+    let mut accepted = 0;
+    loop {
+        let rep = g.node().push(&target, &push);
+        if rep.full > 0 {
+            break;
+        }
+        accepted += rep.sent;
+        assert!(accepted <= 16, "the buffer is bounded");
     }
+    assert_eq!(accepted, 16);
+    // Refused, but not closed: a full buffer alone is no proof (its client may be acking).
+    assert_eq!(g.node().connections(), 1);
+    // Still full, no ack for slow_consumer_secs: the next push that does not fit closes it.
+    g.advance_clock(30);
+    assert_eq!(g.node().push(&target, &push).full, 1);
     eventually(|| g.node().connections() == 0);
     let s = g.node().user_sessions("slow");
     assert_eq!(s.len(), 1, "session kept for resume");
-    let (_, unacked_bytes, _) = s[0].downlink_state();
-    assert!(unacked_bytes <= 1 << 20, "buffer bounded: {unacked_bytes}");
+    let (n, unacked_bytes, _) = s[0].downlink_state();
+    assert_eq!(
+        (n, unacked_bytes),
+        (16, 256 * 1024),
+        "bounded, and nothing dropped"
+    );
     let m = g.node().metrics.encode();
     assert!(m.contains("tether_slow_consumers_total 1"), "{m}");
     // What did reach the socket ends with ERROR SLOW_CONSUMER (or a reset mid-stream).
@@ -538,12 +567,14 @@ fn a_downlink_too_large_for_a_frame_is_refused_not_skipped() {
         .collect();
     assert_eq!(
         g.node()
-            .push(&target, &tether_gateway::node::Push::new(0, big)),
+            .push(&target, &tether_gateway::node::Push::new(0, big))
+            .accepted(),
         0
     );
     assert_eq!(
         g.node()
-            .push(&target, &tether_gateway::node::Push::new(0, "ok")),
+            .push(&target, &tether_gateway::node::Push::new(0, "ok"))
+            .sent,
         1
     );
     assert_eq!(

@@ -176,7 +176,13 @@ async fn the_admin_push_endpoint_delivers_and_counts() {
         "/push",
         r#"{"target":{"user":"bob"},"text":"from ops"}"#,
     );
-    assert_eq!((status, body.as_str()), (200, r#"{"delivered":2}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            200,
+            r#"{"delivered":2,"held":0,"refused":0,"refused_full":0,"sent":2}"#
+        )
+    );
     for ev in [&mut bob_ev, &mut bob2_ev] {
         let (_, body) = next_message(ev).await;
         assert_eq!(text_of(&body), "from ops");
@@ -187,7 +193,13 @@ async fn the_admin_push_endpoint_delivers_and_counts() {
         "/push",
         r#"{"target":"all","body_type":7,"body_base64":"aGk="}"#,
     );
-    assert_eq!((status, body.as_str()), (200, r#"{"delivered":2}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            200,
+            r#"{"delivered":2,"held":0,"refused":0,"refused_full":0,"sent":2}"#
+        )
+    );
     assert_eq!(&next_message(&mut bob_ev).await.1[..], b"hi");
     let (status, _) = http(
         admin,

@@ -11,7 +11,9 @@ use common::*;
 use tether_codec::Header;
 use tether_gateway::clock::Clock;
 use tether_gateway::config::MultiDevice;
-use tether_gateway::upstream::{EndReason, Hub, Outcome, Reply, SessionRef, Uplink, Upstream};
+use tether_gateway::upstream::{
+    Downlink, EndReason, Hub, Outcome, Reply, SessionRef, Uplink, Upstream,
+};
 use tether_gateway::{Gateway, Options};
 use tether_protocol::pb::{self, ErrorCode};
 
@@ -32,7 +34,7 @@ impl Upstream for Flaky {
             .unwrap()
             .push(format!("opened {} {resumed}", s.user));
     }
-    fn session_ended(&self, _: &Hub, s: &SessionRef, reason: EndReason) {
+    fn session_ended(&self, _: &Hub, s: &SessionRef, reason: EndReason, _: &[Downlink]) {
         self.events
             .lock()
             .unwrap()
@@ -153,7 +155,7 @@ struct Silent {
 
 impl Upstream for Silent {
     fn session_opened(&self, _: &Hub, _: &SessionRef, _: bool) {}
-    fn session_ended(&self, _: &Hub, _: &SessionRef, _: EndReason) {}
+    fn session_ended(&self, _: &Hub, _: &SessionRef, _: EndReason, _: &[Downlink]) {}
     fn uplink(&self, _: &Hub, _: &SessionRef, _: Uplink, reply: Reply) {
         self.held.lock().unwrap().push(reply);
     }
@@ -328,7 +330,7 @@ fn acked_downlinks_are_reported_to_the_upstream_as_delivery_receipts() {
     for receipt in [0, 11, 12] {
         let mut p = tether_gateway::node::Push::new(0, "x");
         p.receipt = receipt;
-        assert_eq!(g.node().push(&target, &p), 1);
+        assert_eq!(g.node().push(&target, &p).sent, 1);
     }
     for seq in 1..=3 {
         assert_eq!(c.downlink().0, seq);

@@ -20,6 +20,10 @@ pub enum Seen {
     InFlight,
     /// Answered: ack again with this code.
     Done(ErrorCode),
+    /// New, but every id in the window is still with the upstream: not recorded; refuse it
+    /// (retriable). A window is never made to forget an uplink in flight, or a resend of it
+    /// would be forwarded twice.
+    Busy,
 }
 
 const IN_FLIGHT: i32 = -1;
@@ -56,9 +60,17 @@ impl UplinkDedup {
             }
             self.ring.push(entry);
         } else {
-            let at = self.next as usize % self.ring.len();
+            // The oldest answered entry gives way; entries in flight are never overwritten.
+            let n = self.ring.len();
+            let start = self.next as usize % n;
+            let Some(at) = (0..n)
+                .map(|i| (start + i) % n)
+                .find(|&i| self.ring[i].1 != IN_FLIGHT)
+            else {
+                return Seen::Busy;
+            };
             self.ring[at] = entry;
-            self.next = (at + 1) as u32;
+            self.next = ((at + 1) % n) as u32;
         }
         Seen::New
     }
@@ -78,6 +90,37 @@ impl UplinkDedup {
         if let Some(e) = self.ring.iter_mut().find(|(id, _)| *id == msg_id) {
             // An id no client sends (PROTOCOL.md §4.5: msg_id is non-zero).
             *e = (0, 0);
+        }
+    }
+}
+
+impl UplinkDedup {
+    /// Forgets every id still in flight (their answers go to a session that ended).
+    pub fn forget_in_flight(&mut self) {
+        for e in self.ring.iter_mut().filter(|e| e.1 == IN_FLIGHT) {
+            *e = (0, 0);
+        }
+    }
+
+    /// The answered ids and their codes, oldest first (for a snapshot).
+    pub fn done_entries(&self) -> Vec<(u64, ErrorCode)> {
+        let n = self.ring.len();
+        (0..n)
+            .map(|i| self.ring[(self.next as usize + i) % n.max(1)])
+            .filter(|&(id, code)| id != 0 && code != IN_FLIGHT)
+            .map(|(id, code)| (id, ErrorCode::try_from(code).unwrap_or(ErrorCode::Internal)))
+            .collect()
+    }
+
+    /// A window holding these answered ids (from a snapshot).
+    pub fn from_done(entries: &[(u64, ErrorCode)]) -> UplinkDedup {
+        UplinkDedup {
+            ring: entries
+                .iter()
+                .filter(|(id, _)| *id != 0)
+                .map(|&(id, code)| (id, code as i32))
+                .collect(),
+            next: 0,
         }
     }
 }
@@ -112,11 +155,47 @@ mod tests {
         let mut d = UplinkDedup::default();
         for id in [1, 2, 3] {
             assert_eq!(d.check(id, 3), Seen::New);
+            d.complete(id, ErrorCode::Ok);
         }
         assert_eq!(d.check(4, 3), Seen::New); // evicts 1
         assert_eq!(d.check(1, 3), Seen::New); // evicts 2
+        assert_eq!(d.check(3, 3), Seen::Done(ErrorCode::Ok));
+        d.complete(4, ErrorCode::Ok);
+        d.complete(1, ErrorCode::Ok);
+        assert_eq!(d.check(2, 3), Seen::New); // evicts 3
+    }
+
+    #[test]
+    fn an_uplink_in_flight_is_never_forgotten_by_the_window() {
+        let mut d = UplinkDedup::default();
+        for id in [1, 2, 3] {
+            assert_eq!(d.check(id, 3), Seen::New);
+        }
+        // All three with the upstream: a fourth is refused, not recorded over one of them.
+        assert_eq!(d.check(4, 3), Seen::Busy);
+        assert_eq!(d.check(1, 3), Seen::InFlight, "a resend of 1 is still held");
+        d.complete(2, ErrorCode::Ok);
+        assert_eq!(d.check(4, 3), Seen::New, "2 was answered: it gives way");
+        assert_eq!(d.check(2, 3), Seen::Busy);
+        assert_eq!(d.check(1, 3), Seen::InFlight);
         assert_eq!(d.check(3, 3), Seen::InFlight);
-        assert_eq!(d.check(2, 3), Seen::New);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_answers_and_not_what_is_in_flight() {
+        let mut d = UplinkDedup::default();
+        for id in [1, 2, 3] {
+            d.check(id, 8);
+        }
+        d.complete(1, ErrorCode::Ok);
+        d.complete(3, ErrorCode::Rejected);
+        let done = d.done_entries();
+        assert_eq!(done, [(1, ErrorCode::Ok), (3, ErrorCode::Rejected)]);
+        let mut r = UplinkDedup::from_done(&done);
+        assert_eq!(r.check(3, 8), Seen::Done(ErrorCode::Rejected));
+        assert_eq!(r.check(2, 8), Seen::New);
+        d.forget_in_flight();
+        assert_eq!(d.check(2, 8), Seen::New);
     }
 
     #[test]

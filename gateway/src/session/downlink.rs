@@ -42,16 +42,11 @@ pub struct Downlink {
     pub receipt: u64,
 }
 
-/// What [`DownlinkBuffer::push`] did.
+/// [`DownlinkBuffer::push`] found the buffer full: the downlink was not taken (no seq used).
+/// The pusher hears of it (PROTOCOL.md §6.5: refused, retriable); nothing already accepted is
+/// pushed out to make room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pushed {
-    /// The seq the downlink got.
-    pub seq: u64,
-    /// Older unacked downlinks dropped to make room (now part of the announced gap). When the
-    /// session is attached and this is non-zero, the client is too slow: close the connection
-    /// (`SLOW_CONSUMER`) and keep the session, so the client resumes and learns of the gap.
-    pub dropped: usize,
-}
+pub struct Full;
 
 /// What a resume must tell and send.
 #[derive(Debug)]
@@ -83,14 +78,15 @@ struct Unacked {
     /// Oldest first, seqs strictly increasing.
     list: VecDeque<Downlink>,
     bytes: usize,
-    /// Seqs dropped from the buffer before they were acked, not yet acked past.
+    /// Seqs lost before this session was restored here (a gap to announce at the next
+    /// resume), not yet acked past. A live buffer never drops what it accepted.
     lost: Option<(u64, u64)>,
 }
 
 impl DownlinkBuffer {
-    /// Numbers a downlink and buffers it until acked, dropping the oldest unacked ones if the
-    /// buffer is over `limits` (a single downlink larger than `max_bytes` is still kept: the
-    /// buffer never drops the newest).
+    /// Numbers a downlink and buffers it until acked, or refuses it if the buffer is at
+    /// `limits` (an empty buffer takes one downlink of any size, so that a single body larger
+    /// than `max_bytes` can still be delivered).
     pub fn push(
         &mut self,
         body_type: u32,
@@ -98,7 +94,11 @@ impl DownlinkBuffer {
         body: Bytes,
         receipt: u64,
         limits: &DownlinkLimits,
-    ) -> Pushed {
+    ) -> Result<u64, Full> {
+        let (n, bytes) = self.unacked();
+        if n > 0 && (n >= limits.max_frames || bytes + body.len() > limits.max_bytes) {
+            return Err(Full);
+        }
         self.last_seq += 1;
         let seq = self.last_seq;
         let u = self.unacked.get_or_insert_with(Default::default);
@@ -110,17 +110,59 @@ impl DownlinkBuffer {
             body,
             receipt,
         });
-        let mut dropped = 0;
-        while u.list.len() > 1 && (u.list.len() > limits.max_frames || u.bytes > limits.max_bytes) {
-            let old = u.list.pop_front().expect("len > 1");
-            u.bytes -= old.body.len();
-            u.lost = Some(match u.lost {
-                Some((from, _)) => (from, old.seq),
-                None => (old.seq, old.seq),
-            });
-            dropped += 1;
+        Ok(seq)
+    }
+
+    /// Whether a body of `len` bytes would be taken now.
+    pub fn has_room(&self, len: usize, limits: &DownlinkLimits) -> bool {
+        let (n, bytes) = self.unacked();
+        n == 0 || (n < limits.max_frames && bytes + len <= limits.max_bytes)
+    }
+
+    /// Takes every unacked downlink out (the session ends: they were never delivered), and
+    /// frees the buffer. Seqs are not reused.
+    pub fn take_unacked(&mut self) -> Vec<Downlink> {
+        self.unacked
+            .take()
+            .map(|u| Vec::from(u.list))
+            .unwrap_or_default()
+    }
+
+    /// A buffer restored from a snapshot: `acked` and `last_seq` as they were, the unacked
+    /// downlinks (seqs increasing, above `acked`) and a pending gap.
+    pub fn restore(
+        last_seq: u64,
+        acked: u64,
+        list: Vec<Downlink>,
+        lost: Option<(u64, u64)>,
+    ) -> DownlinkBuffer {
+        let list: VecDeque<Downlink> = list
+            .into_iter()
+            .filter(|d| d.seq > acked && d.seq <= last_seq)
+            .collect();
+        let lost = lost.filter(|&(from, to)| from <= to && to > acked && to <= last_seq);
+        let unacked = (!list.is_empty() || lost.is_some()).then(|| {
+            Box::new(Unacked {
+                bytes: list.iter().map(|d| d.body.len()).sum(),
+                list,
+                lost,
+            })
+        });
+        DownlinkBuffer {
+            last_seq,
+            acked: acked.min(last_seq),
+            unacked,
         }
-        Pushed { seq, dropped }
+    }
+
+    /// The pending gap (seqs lost and not yet acked past), if any.
+    pub fn lost(&self) -> Option<(u64, u64)> {
+        self.unacked.as_ref().and_then(|u| u.lost)
+    }
+
+    /// The unacked downlinks, oldest first.
+    pub fn iter(&self) -> std::collections::vec_deque::Iter<'_, Downlink> {
+        self.list().iter()
     }
 
     /// Applies a cumulative DOWNLINK_ACK and hands `released` the downlinks it releases (for
@@ -203,7 +245,7 @@ mod tests {
 
     use super::*;
 
-    fn push(b: &mut DownlinkBuffer, n: u8, limits: &DownlinkLimits) -> Pushed {
+    fn push(b: &mut DownlinkBuffer, n: u8, limits: &DownlinkLimits) -> Result<u64, Full> {
         b.push(0, false, Bytes::from(vec![n; 10]), n as u64, limits)
     }
 
@@ -212,13 +254,7 @@ mod tests {
         let limits = DownlinkLimits::default();
         let mut b = DownlinkBuffer::default();
         for i in 1..=5u8 {
-            assert_eq!(
-                push(&mut b, i, &limits),
-                Pushed {
-                    seq: i as u64,
-                    dropped: 0
-                }
-            );
+            assert_eq!(push(&mut b, i, &limits), Ok(i as u64));
         }
         let mut released = Vec::new();
         b.ack(3, |d| released.push(d.receipt));
@@ -234,42 +270,75 @@ mod tests {
     }
 
     #[test]
-    fn overflow_drops_the_oldest_and_a_resume_announces_the_gap() {
+    fn a_full_buffer_refuses_and_keeps_what_it_took() {
         let limits = DownlinkLimits {
             max_frames: 3,
             max_bytes: usize::MAX,
         };
         let mut b = DownlinkBuffer::default();
         for i in 1..=3u8 {
-            push(&mut b, i, &limits);
+            assert_eq!(push(&mut b, i, &limits), Ok(i as u64));
         }
-        assert_eq!(push(&mut b, 4, &limits).dropped, 1);
-        assert_eq!(push(&mut b, 5, &limits).dropped, 1);
-        // The client had seq 1: 2 is lost, 3..=5 replayed.
+        assert_eq!(push(&mut b, 4, &limits), Err(Full));
+        assert_eq!(b.last_seq(), 3, "a refused downlink takes no seq");
         let r = b.resume(1);
-        assert_eq!(r.gap, Some((2, 2)));
-        assert_eq!(r.replay.map(|d| d.seq).collect::<Vec<_>>(), [3, 4, 5]);
-        // It drops again before acking anything: the same answer.
-        assert_eq!(b.resume(1).gap, Some((2, 2)));
-        // Once acked past the gap, it is forgotten.
-        b.ack(3, drop);
-        assert_eq!(b.resume(3).gap, None);
+        assert_eq!(r.gap, None, "nothing accepted is pushed out");
+        assert_eq!(r.replay.map(|d| d.seq).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(push(&mut b, 4, &limits), Ok(4), "room again after the ack");
     }
 
     #[test]
-    fn byte_bound_keeps_at_least_the_newest() {
+    fn the_byte_bound_refuses_but_an_empty_buffer_takes_any_size() {
         let limits = DownlinkLimits {
             max_frames: 100,
             max_bytes: 25,
         };
         let mut b = DownlinkBuffer::default();
-        push(&mut b, 1, &limits);
-        push(&mut b, 2, &limits);
-        assert_eq!(push(&mut b, 3, &limits).dropped, 1);
+        push(&mut b, 1, &limits).unwrap();
+        push(&mut b, 2, &limits).unwrap();
+        assert!(!b.has_room(10, &limits));
+        assert_eq!(push(&mut b, 3, &limits), Err(Full));
         assert_eq!(b.unacked(), (2, 20));
-        let big = b.push(0, false, Bytes::from(vec![0; 100]), 4, &limits);
-        assert_eq!(big, Pushed { seq: 4, dropped: 2 });
+        b.ack(2, drop);
+        assert!(b.has_room(100, &limits));
+        assert_eq!(
+            b.push(0, false, Bytes::from(vec![0; 100]), 4, &limits),
+            Ok(3)
+        );
         assert_eq!(b.unacked(), (1, 100));
+    }
+
+    #[test]
+    fn taking_the_unacked_frees_the_buffer_and_keeps_the_seqs() {
+        let limits = DownlinkLimits::default();
+        let mut b = DownlinkBuffer::default();
+        for i in 1..=4u8 {
+            push(&mut b, i, &limits).unwrap();
+        }
+        b.ack(1, drop);
+        let left: Vec<u64> = b.take_unacked().iter().map(|d| d.receipt).collect();
+        assert_eq!(left, [2, 3, 4]);
+        assert!(b.unacked.is_none());
+        assert_eq!(push(&mut b, 5, &limits), Ok(5));
+    }
+
+    #[test]
+    fn a_restored_buffer_replays_and_announces_like_the_original() {
+        let limits = DownlinkLimits::default();
+        let mut b = DownlinkBuffer::default();
+        for i in 1..=6u8 {
+            push(&mut b, i, &limits).unwrap();
+        }
+        b.ack(2, drop);
+        let list: Vec<Downlink> = b.iter().skip(1).cloned().collect(); // 4..=6; 3 lost
+        let mut r = DownlinkBuffer::restore(b.last_seq(), b.acked(), list, Some((3, 3)));
+        assert_eq!(r.unacked(), (3, 30));
+        let res = r.resume(2);
+        assert_eq!(res.gap, Some((3, 3)));
+        assert_eq!(res.replay.map(|d| d.seq).collect::<Vec<_>>(), [4, 5, 6]);
+        // Nonsense in a snapshot is dropped, not trusted.
+        let odd = DownlinkBuffer::restore(2, 5, b.iter().cloned().collect(), Some((9, 1)));
+        assert_eq!((odd.acked(), odd.unacked(), odd.lost()), (2, (0, 0), None));
     }
 
     #[test]
@@ -277,20 +346,18 @@ mod tests {
         let limits = DownlinkLimits::default();
         let mut b = DownlinkBuffer::default();
         for i in 1..=4u8 {
-            push(&mut b, i, &limits);
+            push(&mut b, i, &limits).unwrap();
         }
         let r = b.resume(4);
         assert_eq!((r.gap, r.replay.count()), (None, 0));
         assert_eq!(b.unacked(), (0, 0));
     }
 
-    /// A client as PROTOCOL.md §6.5 describes it: processes `last_seq + 1`, drops duplicates,
-    /// treats an announced gap as fetched from the back end.
+    /// A client as PROTOCOL.md §6.5 describes it: processes `last_seq + 1`, drops duplicates.
     #[derive(Default)]
     struct Client {
         last_seq: u64,
         got: Vec<u64>,
-        fetched: Vec<u64>,
     }
 
     impl Client {
@@ -320,11 +387,12 @@ mod tests {
     }
 
     proptest! {
-        /// Pushes, acks and connection cuts in any order: the client ends with every seq
-        /// exactly once and in order, each either received or announced as a gap, and the
-        /// buffer never exceeds its bound.
+        /// Pushes, acks and connection cuts in any order: every accepted downlink reaches the
+        /// client exactly once and in order, every refused one is refused before it took a
+        /// seq (the pusher knows), receipts come once each in order, and the buffer never
+        /// exceeds its bound.
         #[test]
-        fn every_downlink_arrives_exactly_once_in_order_across_cuts(
+        fn every_accepted_downlink_arrives_exactly_once_in_order_across_cuts(
             steps in prop::collection::vec(step(), 1..400),
             max_frames in 1usize..16,
         ) {
@@ -333,16 +401,15 @@ mod tests {
             let mut client = Client::default();
             let mut attached = true;
             let mut released = Vec::new();
+            let mut accepted = 0u64;
             for s in steps {
                 match s {
                     Step::Push => {
-                        let p = b.push(0, false, Bytes::new(), 0, &limits);
-                        if attached {
-                            if p.dropped > 0 {
-                                // Slow consumer: closed, the frame never went out.
-                                attached = false;
-                            } else {
-                                client.receive(p.seq);
+                        if let Ok(seq) = b.push(0, false, Bytes::new(), seq_receipt(accepted), &limits) {
+                            accepted += 1;
+                            prop_assert_eq!(seq, accepted);
+                            if attached {
+                                client.receive(seq);
                             }
                         }
                     }
@@ -354,11 +421,7 @@ mod tests {
                     Step::Cut => {
                         // Reconnect and resume.
                         let r = b.resume(client.last_seq);
-                        if let Some((from, to)) = r.gap {
-                            prop_assert_eq!(from, client.last_seq + 1);
-                            client.fetched.extend(from..=to);
-                            client.last_seq = to;
-                        }
+                        prop_assert_eq!(r.gap, None);
                         let replay: Vec<u64> = r.replay.map(|d| d.seq).collect();
                         for seq in replay {
                             client.receive(seq);
@@ -370,19 +433,16 @@ mod tests {
             }
             // A final resume delivers the rest.
             let r = b.resume(client.last_seq);
-            if let Some((from, to)) = r.gap {
-                client.fetched.extend(from..=to);
-                client.last_seq = to;
-            }
             let replay: Vec<u64> = r.replay.map(|d| d.seq).collect();
             for seq in replay {
                 client.receive(seq);
             }
-            let mut all = client.got.clone();
-            all.extend(&client.fetched);
-            all.sort_unstable();
-            prop_assert_eq!(all, (1..=b.last_seq()).collect::<Vec<_>>());
+            prop_assert_eq!(&client.got, &(1..=accepted).collect::<Vec<_>>());
             prop_assert!(released.windows(2).all(|w| w[0] < w[1]), "receipts twice or out of order");
         }
+    }
+
+    fn seq_receipt(n: u64) -> u64 {
+        n + 1
     }
 }
