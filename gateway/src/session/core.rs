@@ -694,3 +694,301 @@ fn downlink_seq(f: &Frame) -> u64 {
         _ => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C1: ConnRef = ConnRef {
+        worker: 0,
+        slot: 1,
+        gen: 1,
+    };
+    const C2: ConnRef = ConnRef {
+        worker: 1,
+        slot: 7,
+        gen: 2,
+    };
+
+    fn limits(max_frames: usize) -> SessionLimits {
+        SessionLimits {
+            downlink: DownlinkLimits {
+                max_frames,
+                max_bytes: usize::MAX,
+            },
+            ..SessionLimits::default()
+        }
+    }
+
+    fn push(core: &mut SessionCore, body: &'static str, receipt: u64, now: Tick) -> Pushed {
+        let plain = Bytes::from_static(body.as_bytes());
+        core.push(
+            &PushBody {
+                body_type: 0,
+                plain: &plain,
+                gzip: None,
+                receipt,
+                transient: false,
+            },
+            &limits(3),
+            now,
+        )
+    }
+
+    /// The seqs of the DOWNLINK frames `poll_transmit` wrote.
+    fn transmit(core: &mut SessionCore, conn: ConnRef) -> Vec<u64> {
+        let mut out = BytesMut::new();
+        let l = Limits::default();
+        core.poll_transmit(conn, &mut out, &l, &CompressOptions::default(), 1_000)
+            .expect("attached to conn");
+        let mut seqs = Vec::new();
+        while let Some(f) = tether_codec::Decoder::new(l).decode(&mut out).unwrap() {
+            match f.header {
+                Header::Downlink(d) => seqs.push(d.seq),
+                h => panic!("{h:?}"),
+            }
+        }
+        seqs
+    }
+
+    #[test]
+    fn pushes_are_sent_acked_and_receipted_and_a_flush_is_asked_once_per_batch() {
+        let mut s = SessionCore::new(C1, false, Platform::Ios, 0);
+        let p = push(&mut s, "a", 11, 0);
+        assert_eq!(
+            (p.delivery, p.flush, p.slow),
+            (Delivery::Sent, Some(C1), None)
+        );
+        assert_eq!(push(&mut s, "b", 12, 0).flush, None, "one flush queued");
+        assert_eq!(transmit(&mut s, C1), [1, 2]);
+        assert_eq!(
+            push(&mut s, "c", 0, 0).flush,
+            Some(C1),
+            "asked again after a write"
+        );
+        assert_eq!(
+            s.handle_ack(3, 1),
+            Vec::<u64>::new(),
+            "seq 3 was never sent: ignored"
+        );
+        assert_eq!(s.downlink_state().0, 3);
+        assert_eq!(s.handle_ack(2, 1), [11, 12]);
+        assert_eq!(transmit(&mut s, C1), [3]);
+        assert_eq!(s.handle_ack(3, 1), Vec::<u64>::new(), "no receipt id");
+        assert_eq!(s.downlink_state(), (0, 0, 3));
+    }
+
+    #[test]
+    fn a_full_buffer_refuses_and_only_a_stalled_one_makes_a_slow_consumer() {
+        let mut s = SessionCore::new(C1, false, Platform::Ios, 0);
+        for _ in 0..3 {
+            assert_eq!(push(&mut s, "x", 0, 0).delivery, Delivery::Sent);
+        }
+        transmit(&mut s, C1);
+        let p = push(&mut s, "y", 0, 10);
+        assert_eq!(p.delivery, Delivery::Refused(Refusal::Full));
+        assert_eq!(p.slow, None, "full, but not for long");
+        // The client acks one at 20: progress; full again, refused, still not slow at 49.
+        s.handle_ack(1, 20);
+        assert_eq!(push(&mut s, "z", 0, 20).delivery, Delivery::Sent);
+        assert_eq!(push(&mut s, "w", 0, 49).slow, None);
+        // No ack for 30 s: the next refused push closes it.
+        assert_eq!(push(&mut s, "w", 0, 50).slow, Some(C1));
+        assert_eq!(s.downlink_state().0, 3, "nothing dropped");
+    }
+
+    #[test]
+    fn a_detached_session_holds_resumes_with_a_replay_and_ends_with_what_is_undelivered() {
+        let mut s = SessionCore::new(C1, false, Platform::Android, 0);
+        push(&mut s, "a", 1, 0);
+        push(&mut s, "b", 2, 0);
+        assert_eq!(transmit(&mut s, C1), [1, 2]);
+        let epoch = s.detach(C1).unwrap();
+        assert_eq!(s.detach(C1), None, "only once");
+        assert!(s.detached_since(epoch));
+        let p = push(&mut s, "c", 3, 5);
+        assert_eq!((p.delivery, p.flush), (Delivery::Held, None));
+        let plain = Bytes::from_static(b"t");
+        let t = PushBody {
+            body_type: 0,
+            plain: &plain,
+            gzip: None,
+            receipt: 0,
+            transient: true,
+        };
+        assert_eq!(
+            s.push(&t, &limits(3), 5).delivery,
+            Delivery::Refused(Refusal::NotAttached)
+        );
+        // The client had seq 1: 2 and 3 are replayed; 1's receipt comes with the resume.
+        let r = s.resume(C2, 1, true, Platform::Web, 6).unwrap();
+        assert_eq!(
+            r,
+            Resumed {
+                gap: None,
+                receipts: vec![1],
+                replaced: None
+            }
+        );
+        assert!(
+            !s.detached_since(epoch),
+            "a resume outlives the old grace period"
+        );
+        assert_eq!(
+            s.poll_transmit(
+                C1,
+                &mut BytesMut::new(),
+                &Limits::default(),
+                &CompressOptions::default(),
+                16
+            ),
+            None
+        );
+        assert_eq!(transmit(&mut s, C2), [2, 3]);
+        assert_eq!((s.platform(), s.accept_gzip()), (Platform::Web, true));
+        // Resumed again while attached: the old connection is named, to be kicked.
+        let r = s.resume(C1, 3, false, Platform::Web, 7).unwrap();
+        assert_eq!(r.replaced, Some(C2));
+        assert_eq!(r.receipts, [2, 3]);
+        push(&mut s, "d", 4, 8);
+        let ended = s.end().unwrap();
+        assert_eq!(ended.link, Link::Attached(C1));
+        assert_eq!(
+            ended
+                .undelivered
+                .iter()
+                .map(|d| d.receipt)
+                .collect::<Vec<_>>(),
+            [4]
+        );
+        assert_eq!(s.downlink_state().0, 0, "released at once");
+        assert!(s.end().is_none());
+        assert!(s.resume(C2, 0, false, Platform::Web, 9).is_none());
+        assert_eq!(
+            push(&mut s, "e", 0, 9).delivery,
+            Delivery::Refused(Refusal::Ended)
+        );
+    }
+
+    #[test]
+    fn a_replay_for_a_client_that_no_longer_takes_gzip_is_inflated() {
+        let mut s = SessionCore::new(C1, true, Platform::Ios, 0);
+        let plain = Bytes::from(vec![b'a'; 4000]);
+        let (gz, is_gz) = CompressOptions::default().compress(plain.clone(), &Limits::default());
+        assert!(is_gz);
+        for _ in 0..20 {
+            let p = PushBody {
+                body_type: 0,
+                plain: &plain,
+                gzip: Some(&gz),
+                receipt: 0,
+                transient: false,
+            };
+            s.push(&p, &limits(100), 0);
+        }
+        s.detach(C1);
+        s.resume(C2, 0, false, Platform::Ios, 1).unwrap();
+        let mut out = BytesMut::new();
+        let l = Limits::default();
+        s.poll_transmit(C2, &mut out, &l, &CompressOptions::default(), 16)
+            .unwrap();
+        let mut n = 0;
+        while let Some(f) = tether_codec::Decoder::new(l).decode(&mut out).unwrap() {
+            assert!(matches!(f.header, Header::Downlink(_)), "no BATCH: {f:?}");
+            assert!(!f.gzip);
+            assert_eq!(f.body, plain);
+            n += 1;
+        }
+        assert_eq!(n, 20);
+    }
+
+    #[test]
+    fn uplinks_are_deduplicated_rate_limited_and_carried_to_a_new_login() {
+        let lim = SessionLimits {
+            uplink_rate: 1,
+            uplink_burst: 2,
+            ..SessionLimits::default()
+        };
+        let mut s = SessionCore::new(C1, false, Platform::Ios, 0);
+        assert_eq!(
+            s.handle_uplink(0, 0, &lim),
+            Verdict::Ack(ErrorCode::Rejected, 0)
+        );
+        assert_eq!(s.handle_uplink(1, 0, &lim), Verdict::Forward);
+        assert_eq!(s.handle_uplink(1, 0, &lim), Verdict::Wait);
+        s.uplink_answered(1, ErrorCode::Ok);
+        assert_eq!(s.handle_uplink(1, 0, &lim), Verdict::Ack(ErrorCode::Ok, 0));
+        assert_eq!(s.handle_uplink(2, 0, &lim), Verdict::Forward);
+        assert!(matches!(
+            s.handle_uplink(3, 0, &lim),
+            Verdict::Ack(ErrorCode::RateLimited, _)
+        ));
+        s.uplink_answered(2, ErrorCode::UpstreamTimeout);
+        // The same device logs in again: the bucket is still empty, 1 is still known, 2 (a
+        // retriable failure) may be sent again.
+        let carry = s.end().unwrap().carry;
+        let mut s2 = SessionCore::new(C2, false, Platform::Ios, 0);
+        s2.inherit(carry);
+        assert!(matches!(
+            s2.handle_uplink(4, 10, &lim),
+            Verdict::Ack(ErrorCode::RateLimited, _)
+        ));
+        assert_eq!(
+            s2.handle_uplink(1, 10, &lim),
+            Verdict::Ack(ErrorCode::Ok, 0)
+        );
+        assert_eq!(s2.handle_uplink(2, 1_000, &lim), Verdict::Forward);
+    }
+
+    #[test]
+    fn rooms_are_capped_and_room_requests_take_tokens() {
+        let lim = SessionLimits {
+            max_rooms: 2,
+            uplink_rate: 1,
+            uplink_burst: 3,
+            ..SessionLimits::default()
+        };
+        let mut s = SessionCore::new(C1, false, Platform::Ios, 0);
+        for r in ["a", "b"] {
+            assert_eq!(s.handle_room_request(true, r, 0, &lim), Ok(()));
+            assert!(s.room_add(&Arc::from(r), &lim));
+        }
+        assert_eq!(
+            s.handle_room_request(true, "c", 0, &lim),
+            Err((ErrorCode::RoomForbidden, 0))
+        );
+        assert!(!s.room_add(&Arc::from("c"), &lim), "capped at add too");
+        assert!(s.room_add(&Arc::from("a"), &lim), "already in: fine");
+        assert!(matches!(
+            s.handle_room_request(false, "a", 0, &lim),
+            Err((ErrorCode::RateLimited, _))
+        ));
+        assert!(s.room_remove("a") && !s.room_remove("a"));
+        assert_eq!(s.rooms().len(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_restores_a_session_that_resumes_as_the_original_would() {
+        let mut s = SessionCore::new(C1, true, Platform::Ios, 0);
+        for (b, r) in [("a", 1), ("b", 2), ("c", 3)] {
+            push(&mut s, b, r, 0);
+        }
+        transmit(&mut s, C1);
+        s.handle_ack(1, 1);
+        s.handle_uplink(9, 0, &SessionLimits::default());
+        s.uplink_answered(9, ErrorCode::Ok);
+        s.room_add(&Arc::from("room"), &SessionLimits::default());
+        let snap = s.snapshot();
+        let mut r = SessionCore::restore(snap.clone(), 5);
+        assert_eq!(r.snapshot(), snap, "a restore keeps everything");
+        assert!(r.detached_since(0));
+        let res = r.resume(C2, 2, true, Platform::Ios, 6).unwrap();
+        assert_eq!((res.gap, res.receipts), (None, vec![2]));
+        assert_eq!(transmit(&mut r, C2), [3]);
+        assert_eq!(
+            r.handle_uplink(9, 0, &SessionLimits::default()),
+            Verdict::Ack(ErrorCode::Ok, 0)
+        );
+        assert!(r.in_room("room"));
+    }
+}
