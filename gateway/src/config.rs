@@ -145,8 +145,12 @@ settings! {
     uplink_rate: u32 = 50, "TETHER_UPLINK_RATE";
     /// UPLINKs a session may send in a burst above the rate [default: 100].
     uplink_burst: u32 = 100, "TETHER_UPLINK_BURST";
-    /// Embedded upstream: messages kept per offline user [default: 1000].
+    /// Embedded upstream: messages kept per offline user, or waiting for one live session's acks [default: 1000].
     offline_max_messages: usize = 1_000, "TETHER_OFFLINE_MAX_MESSAGES";
+    /// Embedded upstream: body bytes kept per offline user, or waiting for one live session's acks [default: 1048576].
+    offline_max_user_bytes: usize = 1 << 20, "TETHER_OFFLINE_MAX_USER_BYTES";
+    /// Embedded upstream: body bytes kept in all offline queues and backlogs together [default: 268435456].
+    offline_max_total_bytes: usize = 256 << 20, "TETHER_OFFLINE_MAX_TOTAL_BYTES";
     /// Embedded upstream: most users with an offline queue [default: 100000].
     offline_max_users: usize = 100_000, "TETHER_OFFLINE_MAX_USERS";
     /// Embedded upstream: seconds an offline message is kept [default: 259200 = 72 h].

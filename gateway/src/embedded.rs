@@ -3,18 +3,31 @@
 //! server. It speaks `tether.chat.v1` (body_type 0, `ChatMessage`):
 //!
 //! - `to_user`: delivered to every session of that user, and to the sender's other sessions
-//!   (so a user's devices all see what was sent); kept in a per-user offline queue (bounded in
-//!   count and age, default 1,000 messages and 72 h) when the user has no session at all, and
-//!   delivered to the next fresh session of that user;
+//!   (so a user's devices all see what was sent); kept in a per-user offline queue when the
+//!   user has no session at all, and delivered to the next fresh session of that user;
 //! - `to_room`: delivered to the room's other members (the sender must be a member);
 //! - no target: echoed back to the sending session.
 //!
 //! The gateway stamps `sender` (the authenticated user), `server_msg_id` and `sent_at_ms`.
+//!
+//! Nothing it accepts is lost unseen. Every message is pushed with a receipt id (its
+//! `server_msg_id`). A session whose buffer refuses a message (full: its client has not
+//! acked yet) gets it later: it waits in that session's backlog, which is sent on as the
+//! client's acks come back, so a burst from somebody else never overruns a receiver that
+//! reads. An offline queue is handed to the next fresh session the same way, paced by its
+//! acks. A session that ends hands back what it never acked; that and its backlog go back to
+//! the user's offline queue. Everything kept is stored as it will be sent (compressed once)
+//! and bounded: per user or session in messages (`offline_max_messages`) and bytes
+//! (`offline_max_user_bytes`), in all (`offline_max_total_bytes`), in users
+//! (`offline_max_users`) and age (`offline_max_age_secs`). When a direct message does not
+//! fit, the sender gets `RATE_LIMITED` (a live recipient that is behind: retry later) or
+//! `REJECTED` (an offline recipient whose queue is full), never a silent drop; a room member
+//! whose backlog is full misses that room message (the room does not wait for its slowest
+//! member).
 //! Rooms are open: any room id can be joined, up to `room_max_members`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -23,19 +36,51 @@ use tether_protocol::chat::{chat_message::Target as ChatTarget, ChatMessage};
 use tether_protocol::pb::ErrorCode;
 
 use crate::config::Config;
-use crate::node::{Delivery, Push, Session, Target};
+use crate::node::{Delivery, Push, Refusal, Session, SessionId};
 use crate::upstream::{Downlink, EndReason, Hub, Outcome, Reply, SessionRef, Uplink, Upstream};
 
 /// The body_type of `tether.chat.v1.ChatMessage`.
 pub const CHAT_BODY_TYPE: u32 = 0;
 
+/// retry_after_ms told to a sender whose recipient has too much waiting already.
+pub const BUSY_RETRY_AFTER_MS: u32 = 1_000;
+
+/// One message kept for a user or a session: the encoded `ChatMessage`, compressed (once)
+/// when it is large enough, as it will be sent.
+#[derive(Debug, Clone)]
+struct Stored {
+    at_ms: u64,
+    id: u64,
+    gzip: bool,
+    body: Bytes,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Stored>,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Mail {
+    /// Users with no session: delivered to their next fresh session.
+    offline: HashMap<String, Queue>,
+    /// Live sessions whose buffer refused a message, or that are working through an offline
+    /// queue: sent on, oldest first, as the client's acks make room (receipts).
+    backlog: HashMap<SessionId, Queue>,
+    /// Body bytes in all of the above.
+    bytes: usize,
+}
+
 /// The reference chat upstream.
 #[derive(Debug)]
 pub struct ChatUpstream {
-    offline: Mutex<HashMap<String, VecDeque<(u64, Bytes)>>>,
+    mail: Mutex<Mail>,
     max_messages: usize,
     max_users: usize,
     max_age_ms: u64,
+    max_user_bytes: usize,
+    max_total_bytes: usize,
     room_max_members: usize,
     next_id: AtomicU64,
     /// Delivery receipts received (for tests and metrics).
@@ -45,10 +90,12 @@ pub struct ChatUpstream {
 impl ChatUpstream {
     pub fn new(config: &Config) -> ChatUpstream {
         ChatUpstream {
-            offline: Mutex::new(HashMap::new()),
+            mail: Mutex::new(Mail::default()),
             max_messages: config.offline_max_messages,
             max_users: config.offline_max_users,
             max_age_ms: config.offline_max_age_secs.saturating_mul(1000),
+            max_user_bytes: config.offline_max_user_bytes,
+            max_total_bytes: config.offline_max_total_bytes,
             room_max_members: config.room_max_members,
             next_id: AtomicU64::new(1),
             receipts: AtomicU64::new(0),
@@ -57,35 +104,118 @@ impl ChatUpstream {
 
     /// Messages waiting for a user who has no session.
     pub fn offline_len(&self, user: &str) -> usize {
-        self.offline.lock().get(user).map_or(0, VecDeque::len)
+        self.mail
+            .lock()
+            .offline
+            .get(user)
+            .map_or(0, |q| q.items.len())
     }
 
-    fn enqueue_offline(&self, user: &str, now: u64, body: Bytes) {
+    /// Body bytes kept (offline queues and backlogs of live sessions).
+    pub fn stored_bytes(&self) -> usize {
+        self.mail.lock().bytes
+    }
+
+    /// Messages waiting for a live session's buffer to make room.
+    pub fn backlog_len(&self, session: &SessionId) -> usize {
+        self.mail
+            .lock()
+            .backlog
+            .get(session)
+            .map_or(0, |q| q.items.len())
+    }
+
+    fn fits(&self, mail: &Mail, q: Option<&Queue>, len: usize) -> bool {
+        let (n, bytes) = q.map_or((0, 0), |q| (q.items.len(), q.bytes));
+        n < self.max_messages
+            && bytes + len <= self.max_user_bytes
+            && mail.bytes + len <= self.max_total_bytes
+    }
+
+    /// Keeps a message for a user with no session. False if the user's queue or the total is
+    /// full (the sender is told).
+    fn enqueue_offline(&self, mail: &mut Mail, user: &str, m: Stored) -> bool {
         if self.max_messages == 0 {
-            return;
+            return false;
         }
-        let mut all = self.offline.lock();
-        if !all.contains_key(user) && all.len() >= self.max_users {
+        let now = m.at_ms;
+        if !mail.offline.contains_key(user) && mail.offline.len() >= self.max_users {
             // Bounded in users too: sweep out what has expired, then give up on this one.
-            all.retain(|_, q| {
-                q.back()
-                    .is_some_and(|(t, _)| t.saturating_add(self.max_age_ms) > now)
+            let max_age = self.max_age_ms;
+            let mut freed = 0;
+            mail.offline.retain(|_, q| {
+                let keep = q
+                    .items
+                    .back()
+                    .is_some_and(|m| m.at_ms.saturating_add(max_age) > now);
+                if !keep {
+                    freed += q.bytes;
+                }
+                keep
             });
-            if all.len() >= self.max_users {
-                return;
+            mail.bytes -= freed;
+            if mail.offline.len() >= self.max_users {
+                return false;
             }
         }
-        let q = all.entry(user.to_owned()).or_default();
-        while q
-            .front()
-            .is_some_and(|(t, _)| t.saturating_add(self.max_age_ms) <= now)
-        {
-            q.pop_front();
+        let mut freed = 0;
+        if let Some(q) = mail.offline.get_mut(user) {
+            while q
+                .items
+                .front()
+                .is_some_and(|m| m.at_ms.saturating_add(self.max_age_ms) <= now)
+            {
+                let old = q.items.pop_front().expect("front");
+                q.bytes -= old.body.len();
+                freed += old.body.len();
+            }
         }
-        while q.len() >= self.max_messages {
-            q.pop_front();
+        mail.bytes -= freed;
+        if !self.fits(mail, mail.offline.get(user), m.body.len()) {
+            return false;
         }
-        q.push_back((now, body));
+        mail.bytes += m.body.len();
+        let q = mail.offline.entry(user.to_owned()).or_default();
+        q.bytes += m.body.len();
+        q.items.push_back(m);
+        true
+    }
+
+    /// Sends a session what waits for it, oldest first, until its buffer refuses.
+    fn flush(&self, hub: &Hub, mail: &mut Mail, session: &Session) {
+        let Some(q) = mail.backlog.get_mut(&session.id) else {
+            return;
+        };
+        while let Some(m) = q.items.front() {
+            match deliver_stored(hub, session, m) {
+                Delivery::Refused(Refusal::Full) => break,
+                // Taken, or never deliverable to this session (ended: it goes offline at
+                // `session_ended`, which hands the rest back).
+                Delivery::Refused(Refusal::Ended) => return,
+                _ => {}
+            }
+            let m = q.items.pop_front().expect("front");
+            q.bytes -= m.body.len();
+            mail.bytes -= m.body.len();
+        }
+        if q.items.is_empty() {
+            mail.backlog.remove(&session.id);
+        }
+    }
+
+    /// Delivers a new message to a session, behind anything already waiting for it.
+    fn send(&self, hub: &Hub, mail: &mut Mail, session: &Session, m: Stored) {
+        let waiting = mail.backlog.contains_key(&session.id);
+        if !waiting {
+            match deliver_stored(hub, session, &m) {
+                Delivery::Refused(Refusal::Full) => {}
+                _ => return,
+            }
+        }
+        mail.bytes += m.body.len();
+        let q = mail.backlog.entry(session.id).or_default();
+        q.bytes += m.body.len();
+        q.items.push_back(m);
     }
 
     fn decode(hub: &Hub, uplink: &Uplink) -> Result<ChatMessage, Outcome> {
@@ -107,14 +237,20 @@ impl ChatUpstream {
     }
 }
 
-fn others(hub: &Hub, sessions: Vec<Arc<Session>>, not: &Session, push: &Push) -> usize {
-    let mut n = 0;
-    for s in sessions {
-        if s.id != not.id {
-            n += matches!(hub.deliver(&s, push, None), Delivery::Sent | Delivery::Held) as usize;
+fn deliver_stored(hub: &Hub, session: &Session, m: &Stored) -> Delivery {
+    let (plain, gz) = if m.gzip {
+        // Kept compressed; a session that does not take gzip gets it inflated (the gateway
+        // compressed it itself, within its limits).
+        match tether_codec::gunzip(&m.body, &hub.limits) {
+            Ok(p) => (Bytes::from(p), Some(m.body.clone())),
+            Err(_) => return Delivery::Refused(Refusal::TooLarge),
         }
-    }
-    n
+    } else {
+        (m.body.clone(), None)
+    };
+    let mut push = Push::new(CHAT_BODY_TYPE, plain);
+    push.receipt = m.id;
+    hub.deliver(session, &push, gz.as_ref())
 }
 
 impl Upstream for ChatUpstream {
@@ -122,24 +258,55 @@ impl Upstream for ChatUpstream {
         if resumed {
             return;
         }
-        let Some(queue) = self.offline.lock().remove(&*session.user) else {
+        let mut mail = self.mail.lock();
+        let Some(q) = mail.offline.remove(&*session.user) else {
             return;
         };
+        // Handed to the session as a backlog: sent as fast as its acks make room, never
+        // dumped past its buffer.
         let now = hub.clock.unix_ms();
-        for (at, body) in queue {
-            if at.saturating_add(self.max_age_ms) > now {
-                hub.deliver(session, &Push::new(CHAT_BODY_TYPE, body), None);
+        let mut fresh = Queue::default();
+        for m in q.items {
+            if m.at_ms.saturating_add(self.max_age_ms) > now {
+                fresh.bytes += m.body.len();
+                fresh.items.push_back(m);
             }
+        }
+        mail.bytes -= q.bytes - fresh.bytes;
+        if !fresh.items.is_empty() {
+            mail.backlog.insert(session.id, fresh);
+            self.flush(hub, &mut mail, session);
         }
     }
 
     fn session_ended(
         &self,
-        _hub: &Hub,
-        _session: &SessionRef,
+        hub: &Hub,
+        session: &SessionRef,
         _reason: EndReason,
-        _undelivered: &[Downlink],
+        undelivered: &[Downlink],
     ) {
+        // What the session never acked, then what still waited for it, goes back to the
+        // user's offline queue, in order, for the next fresh session.
+        let mut mail = self.mail.lock();
+        let waiting = mail.backlog.remove(&session.id).unwrap_or_default();
+        mail.bytes -= waiting.bytes;
+        let now = hub.clock.unix_ms();
+        let back = undelivered
+            .iter()
+            .filter(|d| d.body_type == CHAT_BODY_TYPE)
+            .map(|d| Stored {
+                at_ms: now,
+                id: d.receipt,
+                gzip: d.gzip,
+                body: d.body.clone(),
+            })
+            .chain(waiting.items);
+        for m in back {
+            if !self.enqueue_offline(&mut mail, &session.user, m) {
+                tracing::debug!(user = %session.user, "offline queue full: a message is dropped");
+            }
+        }
     }
 
     fn uplink(&self, hub: &Hub, session: &SessionRef, uplink: Uplink, reply: Reply) {
@@ -151,24 +318,65 @@ impl Upstream for ChatUpstream {
         msg.sender = session.user.to_string();
         msg.server_msg_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         msg.sent_at_ms = now;
-        let push = Push::new(CHAT_BODY_TYPE, msg.encode_to_vec());
-        if !hub.fits_a_frame(push.body.len()) {
+        let plain = Bytes::from(msg.encode_to_vec());
+        if !hub.fits_a_frame(plain.len()) {
             return reply.send(Outcome::err(
                 ErrorCode::Rejected,
                 "message too large to deliver",
             ));
         }
+        let (gzip, body) = match hub.compressed(&plain) {
+            Some(gz) => (true, gz),
+            None => (false, plain),
+        };
+        let stored = Stored {
+            at_ms: now,
+            id: msg.server_msg_id,
+            gzip,
+            body,
+        };
+        let busy = || Outcome {
+            code: ErrorCode::RateLimited,
+            retry_after_ms: BUSY_RETRY_AFTER_MS,
+            message: "the recipient has too much waiting; retry later".into(),
+        };
+        let mut mail = self.mail.lock();
         match msg.target.clone() {
             Some(ChatTarget::ToUser(user)) => {
                 if user.is_empty() {
                     return reply.send(Outcome::err(ErrorCode::Rejected, "empty to_user"));
                 }
-                let n = hub.push(&Target::User(user.clone()), &push).accepted();
-                if n == 0 {
-                    self.enqueue_offline(&user, now, push.body.clone());
+                let mut targets = hub.user_sessions(&user);
+                if targets.is_empty() {
+                    drop(targets);
+                    if !self.enqueue_offline(&mut mail, &user, stored.clone()) {
+                        return reply.send(Outcome::err(
+                            ErrorCode::Rejected,
+                            "the recipient's offline queue is full",
+                        ));
+                    }
+                    targets = Vec::new();
                 }
                 if *user != *session.user {
-                    others(hub, hub.user_sessions(&session.user), session, &push);
+                    // The sender's other devices see what was sent.
+                    targets.extend(
+                        hub.user_sessions(&session.user)
+                            .into_iter()
+                            .filter(|s| s.id != session.id),
+                    );
+                }
+                // Every target takes it or none does: refused to the sender (retriable)
+                // rather than delivered to some devices and lost for others.
+                let len = stored.body.len();
+                let room_for_all = targets.iter().all(|s| match mail.backlog.get(&s.id) {
+                    None => hub.has_room(s, len) || self.fits(&mail, None, len),
+                    q => self.fits(&mail, q, len),
+                });
+                if !room_for_all {
+                    return reply.send(busy());
+                }
+                for s in &targets {
+                    self.send(hub, &mut mail, s, stored.clone());
                 }
             }
             Some(ChatTarget::ToRoom(room)) => {
@@ -178,12 +386,29 @@ impl Upstream for ChatUpstream {
                         "not a member of the room",
                     ));
                 }
-                others(hub, hub.room_members(&room), session, &push);
+                for s in hub.room_members(&room) {
+                    if s.id == session.id {
+                        continue;
+                    }
+                    if mail.backlog.contains_key(&s.id)
+                        && !self.fits(&mail, mail.backlog.get(&s.id), stored.body.len())
+                    {
+                        // A member that cannot keep up with the room misses this message
+                        // (counted); the room does not wait for it.
+                        tracing::debug!(member = %s.user, "room backlog full: message skipped");
+                        continue;
+                    }
+                    self.send(hub, &mut mail, &s, stored.clone());
+                }
             }
             None => {
-                hub.deliver(session, &push, None);
+                if !self.fits(&mail, mail.backlog.get(&session.id), stored.body.len()) {
+                    return reply.send(busy());
+                }
+                self.send(hub, &mut mail, session, stored);
             }
         }
+        drop(mail);
         reply.ok();
     }
 
@@ -208,8 +433,13 @@ impl Upstream for ChatUpstream {
         }
     }
 
-    fn delivered(&self, _hub: &Hub, _session: &SessionRef, receipts: &[u64]) {
+    fn delivered(&self, hub: &Hub, session: &SessionRef, receipts: &[u64]) {
         self.receipts
             .fetch_add(receipts.len() as u64, Ordering::Relaxed);
+        // Acks made room: send on what waits.
+        let mut mail = self.mail.lock();
+        if mail.backlog.contains_key(&session.id) {
+            self.flush(hub, &mut mail, session);
+        }
     }
 }

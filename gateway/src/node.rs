@@ -97,6 +97,11 @@ impl Session {
         self.state.lock().in_room(room)
     }
 
+    /// Whether the latest login or resume asked for gzip bodies.
+    pub fn accepts_gzip(&self) -> bool {
+        self.state.lock().accept_gzip()
+    }
+
     /// The platform of the latest login or resume.
     pub fn platform(&self) -> Platform {
         self.state.lock().platform()

@@ -1,0 +1,378 @@
+//! One case per attack or loss seen from outside (issue 10), each at small scale with its
+//! bound asserted: nothing accepted is lost, other users keep their connections, memory
+//! stays within a stated figure.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use prost::Message as _;
+use tether_codec::Header;
+use tether_gateway::clock::Clock;
+use tether_gateway::config::Config;
+use tether_gateway::embedded::ChatUpstream;
+use tether_gateway::node::{Push, Target};
+use tether_gateway::{Gateway, Options};
+use tether_protocol::chat::{chat_message, ChatMessage, Text};
+use tether_protocol::pb::{self, ErrorCode};
+
+/// A gateway with the embedded chat back end, which the test keeps a handle on.
+fn start_chat(f: impl FnOnce(&mut Config)) -> (Gateway, Arc<ChatUpstream>) {
+    let mut c = config();
+    f(&mut c);
+    let chat = Arc::new(ChatUpstream::new(&c));
+    let g = Gateway::start(
+        c,
+        Options {
+            clock: Some(Clock::manual()),
+            upstream: Some(chat.clone()),
+            ..Options::default()
+        },
+    )
+    .expect("gateway starts");
+    (g, chat)
+}
+
+/// Text that gzip cannot shrink much (so a burst really is this many bytes on the wire).
+fn noise(n: usize, seed: u64) -> String {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'0' + (x % 75) as u8) as char
+        })
+        .collect()
+}
+
+fn uplink_ack(raw: &mut Raw) -> pb::UplinkAck {
+    loop {
+        match raw.recv().header {
+            Header::UplinkAck(a) => return a,
+            Header::Downlink(_) => continue,
+            h => panic!("expected UPLINK_ACK, got {h:?}"),
+        }
+    }
+}
+
+/// Reads downlinks and acks each, until `n` have come; returns their texts in order.
+fn read_and_ack(raw: &mut Raw, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut last = 0;
+    while got.len() < n {
+        let (seq, body) = raw.downlink();
+        assert_eq!(seq, last + 1, "in order, no gap");
+        last = seq;
+        got.push(text_of(&body));
+        raw.ack(seq);
+    }
+    got
+}
+
+#[test]
+fn an_offline_queue_larger_than_the_buffer_arrives_whole_paced_by_acks() {
+    // Seen: 600 queued 1 KiB messages dumped at login overflowed the 256 KiB buffer, closed
+    // the fresh connection SLOW_CONSUMER and lost 352 of them.
+    let (g, chat) = start_chat(|c| c.uplink_rate = 0);
+    let mut alice = Raw::connect(g.addrs()[0]);
+    alice.login("alice", "phone", None);
+    let pad = noise(1000, 7);
+    for i in 0..600u64 {
+        alice.uplink(i + 1, chat_to_user("carol", &format!("{i} {pad}")));
+        assert_eq!(uplink_ack(&mut alice).code, ErrorCode::Ok as i32);
+    }
+    assert_eq!(chat.offline_len("carol"), 600);
+    let mut carol = Raw::connect(g.addrs()[0]);
+    carol.login("carol", "phone", None);
+    let got = read_and_ack(&mut carol, 600);
+    for (i, t) in got.iter().enumerate() {
+        assert!(t.starts_with(&format!("{i} ")), "message {i} in order");
+    }
+    assert_eq!(g.node().connections(), 2, "never closed");
+    eventually(|| chat.stored_bytes() == 0);
+}
+
+#[test]
+fn a_burst_from_another_user_never_closes_a_receiver_that_reads_and_acks() {
+    // Seen: 6-16 direct messages of 60 KB overflowed the receiver's buffer in microseconds:
+    // closed SLOW_CONSUMER however fast it read, its messages dropped. Same in a room.
+    let (g, _chat) = start_chat(|_| {});
+    let mut bob = Raw::connect(g.addrs()[0]);
+    bob.login("bob", "phone", None);
+    let mut carol = Raw::connect(g.addrs()[0]);
+    carol.login("carol", "phone", None);
+    let mut dave = Raw::connect(g.addrs()[0]);
+    dave.login("dave", "phone", None);
+    for (i, who) in [&mut carol, &mut dave].into_iter().enumerate() {
+        who.send(&tether_codec::Frame::new(Header::RoomJoin(Box::new(
+            pb::RoomJoin {
+                request_id: i as u64 + 1,
+                room_id: "lobby".into(),
+            },
+        ))));
+        assert!(matches!(who.recv().header, Header::RoomResult(r) if r.code == 0));
+    }
+    let mut alice = Raw::connect(g.addrs()[0]);
+    alice.login("alice", "phone", None);
+    alice.send(&tether_codec::Frame::new(Header::RoomJoin(Box::new(
+        pb::RoomJoin {
+            request_id: 9,
+            room_id: "lobby".into(),
+        },
+    ))));
+    assert!(matches!(alice.recv().header, Header::RoomResult(r) if r.code == 0));
+    // Sixteen 60 KB messages to bob, sixteen to the room, as fast as the socket takes them.
+    for i in 0..16u64 {
+        alice.uplink(
+            i + 1,
+            chat_to_user("bob", &format!("{i} {}", noise(60_000, i))),
+        );
+        alice.uplink(
+            100 + i,
+            chat_to_room("lobby", &format!("{i} {}", noise(60_000, i))),
+        );
+    }
+    for _ in 0..32 {
+        assert_eq!(uplink_ack(&mut alice).code, ErrorCode::Ok as i32);
+    }
+    for who in [&mut bob, &mut carol, &mut dave] {
+        let got = read_and_ack(who, 16);
+        for (i, t) in got.iter().enumerate() {
+            assert!(t.starts_with(&format!("{i} ")));
+        }
+    }
+    assert_eq!(g.node().connections(), 4, "nobody closed");
+    let m = g.node().metrics.encode();
+    assert!(!m.contains("tether_slow_consumers_total 1"), "{m}");
+}
+
+#[test]
+fn logging_in_again_and_again_keeps_no_ended_session_s_buffers() {
+    // Seen: each login ended the previous session, whose unacked buffer stayed in the
+    // worker's grace queue until the grace period ended: +1 GiB in 12 s.
+    let (g, chat) = start_chat(|_| {});
+    let target = Target::User("eve".into());
+    let body = Bytes::from(noise(16 * 1024, 3).into_bytes());
+    for _ in 0..40 {
+        let mut eve = Raw::connect(g.addrs()[0]);
+        eve.login("eve", "phone", None);
+        for _ in 0..8 {
+            g.node().push(&target, &Push::new(1, body.clone()));
+        }
+        drop(eve);
+        eventually(|| g.node().connections() == 0);
+        // A live (detached) session holds at most one buffer's worth.
+        assert!(g.node().buffered_bytes() <= 256 * 1024);
+    }
+    assert_eq!(g.node().session_count(), 1);
+    assert!(
+        g.node().buffered_bytes() <= 256 * 1024,
+        "{}",
+        g.node().buffered_bytes()
+    );
+    // What the ended sessions never delivered went back to the back end (body_type 1 is not
+    // chat, so it is not kept: nothing piles up there either).
+    assert_eq!(chat.stored_bytes(), 0);
+    let m = g.node().metrics.encode();
+    assert!(
+        m.contains("tether_undelivered_total{reason=\"replaced\"} 312"),
+        "39 replaced sessions x 8 undelivered: {m}"
+    );
+}
+
+#[test]
+fn gzip_uplinks_to_users_who_do_not_exist_are_stored_compressed_within_a_byte_bound() {
+    // Seen: ~790-byte gzip uplinks to nonexistent users were inflated and kept at ~64 KB
+    // each for 72 h: +1 GiB in 4 s (the queue was bounded in count, not bytes).
+    let (g, chat) = start_chat(|c| {
+        c.uplink_rate = 0;
+        c.offline_max_total_bytes = 256 * 1024;
+        c.offline_max_user_bytes = 64 * 1024;
+    });
+    let mut mallory = Raw::connect(g.addrs()[0]);
+    mallory.login("mallory", "phone", None);
+    // Two-letter noise: inflates ~8x (within the ratio cap), so each one is ~50 KB plain.
+    let mut x = 5u64;
+    let text: String = (0..50_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x & 1 == 0 {
+                'a'
+            } else {
+                'b'
+            }
+        })
+        .collect();
+    let mut rejected = 0;
+    for i in 0..200u64 {
+        let plain = ChatMessage {
+            target: Some(chat_message::Target::ToUser(format!("ghost-{}", i % 50))),
+            content: Some(chat_message::Content::Text(Text { text: text.clone() })),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let (gz, is_gz) = tether_codec::CompressOptions::default()
+            .compress(Bytes::from(plain), &tether_codec::Limits::default());
+        assert!(is_gz);
+        mallory.send(&tether_codec::Frame {
+            header: Header::Uplink(pb::Uplink {
+                msg_id: i + 1,
+                body_type: 0,
+            }),
+            gzip: true,
+            body: gz,
+        });
+        let a = uplink_ack(&mut mallory);
+        if a.code == ErrorCode::Rejected as i32 {
+            rejected += 1;
+        }
+    }
+    assert!(
+        chat.stored_bytes() <= 256 * 1024,
+        "bounded in bytes: {}",
+        chat.stored_bytes()
+    );
+    assert!(rejected > 0, "the sender is told once it is full");
+    assert!(
+        chat.stored_bytes() / (200 - rejected) < 10_000,
+        "kept compressed, not inflated: {} bytes for {} messages",
+        chat.stored_bytes(),
+        200 - rejected
+    );
+}
+
+#[test]
+fn one_session_cannot_join_rooms_without_bound() {
+    // Seen: tens of thousands of joins from one connection pinned both workers.
+    let (g, _chat) = start_chat(|c| c.uplink_rate = 0);
+    let mut m = Raw::connect(g.addrs()[0]);
+    m.login("mallory", "phone", None);
+    let mut ok = 0;
+    let mut forbidden = 0;
+    for i in 0..300u64 {
+        m.send(&tether_codec::Frame::new(Header::RoomJoin(Box::new(
+            pb::RoomJoin {
+                request_id: i + 1,
+                room_id: format!("r{i}"),
+            },
+        ))));
+        match m.recv().header {
+            Header::RoomResult(r) if r.code == 0 => ok += 1,
+            Header::RoomResult(r) if r.code == ErrorCode::RoomForbidden as i32 => forbidden += 1,
+            h => panic!("{h:?}"),
+        }
+    }
+    assert_eq!((ok, forbidden), (256, 44));
+    assert_eq!(g.node().user_sessions("mallory")[0].rooms().len(), 256);
+}
+
+#[test]
+fn logging_in_again_does_not_refill_the_rate_bucket() {
+    // Seen: the bucket started full at every login: 11,000 uplinks/s against 50/s.
+    let (g, _chat) = start_chat(|c| {
+        c.uplink_rate = 50;
+        c.uplink_burst = 100;
+    });
+    let mut msg_id = 0;
+    let mut a = Raw::connect(g.addrs()[0]);
+    a.login("mallory", "phone", None);
+    for _ in 0..100 {
+        msg_id += 1;
+        a.uplink(msg_id, chat_to_user("bob", "x"));
+        assert_eq!(uplink_ack(&mut a).code, ErrorCode::Ok as i32);
+    }
+    let mut b = Raw::connect(g.addrs()[0]);
+    b.login("mallory", "phone", None);
+    msg_id += 1;
+    b.uplink(msg_id, chat_to_user("bob", "x"));
+    let ack = uplink_ack(&mut b);
+    assert_eq!(ack.code, ErrorCode::RateLimited as i32);
+    assert!(ack.retry_after_ms > 0);
+}
+
+#[test]
+fn a_resend_after_a_fresh_login_of_the_same_device_is_not_forwarded_again() {
+    let (g, chat) = start_chat(|_| {});
+    let mut a = Raw::connect(g.addrs()[0]);
+    a.login("alice", "phone", None);
+    a.uplink(7, chat_to_user("bob", "once"));
+    assert_eq!(uplink_ack(&mut a).code, ErrorCode::Ok as i32);
+    drop(a);
+    let mut a = Raw::connect(g.addrs()[0]);
+    a.login("alice", "phone", None);
+    a.uplink(7, chat_to_user("bob", "once"));
+    assert_eq!(uplink_ack(&mut a).code, ErrorCode::Ok as i32);
+    assert_eq!(chat.offline_len("bob"), 1, "stored once");
+}
+
+#[test]
+fn an_ack_for_a_seq_never_sent_is_ignored() {
+    let (g, _chat) = start_chat(|_| {});
+    let mut bob = Raw::connect(g.addrs()[0]);
+    bob.login("bob", "phone", None);
+    let target = Target::User("bob".into());
+    for i in 0..3 {
+        g.node()
+            .push(&target, &Push::new(0, chat_to_user("bob", &format!("{i}"))));
+    }
+    for _ in 0..3 {
+        bob.downlink();
+    }
+    bob.ack(10);
+    // A PING round trip: the ack was handled before the PONG.
+    bob.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(matches!(bob.recv().header, Header::Pong(_)));
+    assert_eq!(g.node().user_sessions("bob")[0].downlink_state().0, 3);
+    bob.ack(3);
+    eventually(|| g.node().user_sessions("bob")[0].downlink_state().0 == 0);
+}
+
+#[test]
+fn a_resume_over_a_still_attached_connection_kicks_it_resumed_elsewhere() {
+    let (g, _chat) = start_chat(|_| {});
+    let mut old = Raw::connect(g.addrs()[0]);
+    let r = old.login("bob", "phone", None);
+    let mut new = Raw::connect(g.addrs()[0]);
+    let r2 = new.login("bob", "phone", Some((r.session_id.clone(), 0)));
+    assert!(r2.resumed);
+    assert_eq!(r2.session_id, r.session_id);
+    let Header::Kick(k) = old.recv().header else {
+        panic!("KICK")
+    };
+    assert_eq!(k.reason, pb::KickReason::ResumedElsewhere as i32);
+    assert!(old.until_closed().is_empty());
+    assert_eq!(g.node().session_count(), 1, "the session goes on");
+}
+
+#[test]
+fn a_resume_without_gzip_gets_a_plain_replay() {
+    let (g, _chat) = start_chat(|c| c.replay_batch_min = 4);
+    let mut bob = Raw::connect(g.addrs()[0]);
+    let r = bob.login("bob", "phone", None); // asks for gzip
+    drop(bob);
+    eventually(|| g.node().connections() == 0);
+    let big = chat_to_user("bob", &"z".repeat(4000));
+    for _ in 0..8 {
+        g.node()
+            .push(&Target::User("bob".into()), &Push::new(0, big.clone()));
+    }
+    let mut bob = Raw::connect(g.addrs()[0]);
+    let mut login = login_frame("bob", "phone", Some((r.session_id, 0)));
+    if let Header::Login(l) = &mut login.header {
+        l.compression.clear();
+    }
+    bob.send(&login);
+    assert!(matches!(bob.recv().header, Header::LoginResult(r) if r.resumed));
+    for seq in 1..=8 {
+        let f = bob.recv();
+        assert!(!f.gzip, "no gzip for a client that no longer takes it");
+        assert!(matches!(f.header, Header::Downlink(d) if d.seq == seq));
+        assert_eq!(f.body, big);
+    }
+    assert_eq!(bob.batches, 0, "no gzip BATCH either");
+}
