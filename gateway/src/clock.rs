@@ -70,6 +70,12 @@ impl Clock {
         (self.elapsed_ms() / 1000).min(Tick::MAX as u64) as Tick
     }
 
+    /// Whole seconds since the start, rounded up: the stamp of an event that starts a
+    /// deadline, so that the deadline (checked against [`now`](Self::now)) never comes early.
+    pub fn now_ceil(&self) -> Tick {
+        self.elapsed_ms().div_ceil(1000).min(Tick::MAX as u64) as Tick
+    }
+
     /// Unix time in milliseconds.
     pub fn unix_ms(&self) -> u64 {
         self.inner.start_unix_ms + self.elapsed_ms()

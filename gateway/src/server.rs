@@ -217,6 +217,12 @@ impl Gateway {
         self.node.tick();
     }
 
+    /// Moves a manual clock forward by `ms` milliseconds and has every worker look at it.
+    pub fn advance_clock_ms(&self, ms: u64) {
+        self.node.clock.advance_ms(ms);
+        self.node.tick();
+    }
+
     /// Starts a drain; [`wait`](Self::wait) returns when it is done.
     pub fn drain(&self) {
         self.node.drain();

@@ -198,15 +198,19 @@ impl Worker {
                     break;
                 }
             }
+            // Deadlines fire on whole seconds passed (`now`); what starts a deadline (an
+            // accept, a frame, a detach) is stamped with the time rounded up (`at`), so no
+            // deadline ever fires before its configured time (it may be up to 1 s late).
             let now = self.node.clock.now();
+            let at = self.node.clock.now_ceil();
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {}
-                    Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE, now),
+                    Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE, at),
                     Token(slot) => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             let short_ok = !ev.is_read_closed() && !ev.is_error();
-                            self.on_readable(slot, now, short_ok);
+                            self.on_readable(slot, at, short_ok);
                         }
                         if ev.is_writable() {
                             self.mark_dirty(slot, 0);
@@ -220,7 +224,7 @@ impl Worker {
                 .accept_paused_until
                 .is_some_and(|t| Instant::now() >= t)
             {
-                self.resume_accepting(now);
+                self.resume_accepting(at);
             }
             self.drain_step();
             self.flush_dirty();
@@ -900,7 +904,7 @@ impl Worker {
                 let at = self
                     .node
                     .clock
-                    .now()
+                    .now_ceil()
                     .saturating_add(self.node.config.resume_grace_secs);
                 self.expiring.push_back((at, s, epoch));
             }

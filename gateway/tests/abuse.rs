@@ -376,3 +376,58 @@ fn a_resume_without_gzip_gets_a_plain_replay() {
     }
     assert_eq!(bob.batches, 0, "no gzip BATCH either");
 }
+
+/// A PING round trip on `sync` (on the same worker as everything else: `workers = 1`): once
+/// the PONG is back, that worker has run its timers at the clock's time.
+fn sync(raw: &mut Raw) {
+    raw.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(matches!(raw.recv().header, Header::Pong(_)));
+}
+
+#[test]
+fn the_login_deadline_and_the_grace_period_never_end_early() {
+    // Seen: a LOGIN 1.8 s into a 2 s deadline got LOGIN_TIMEOUT; a resume 2.6 s into a 3 s
+    // grace period was refused (both counted in whole seconds from a rounded-down start).
+    let (g, _chat) = start_chat(|c| {
+        c.workers = 1;
+        c.login_timeout_secs = 2;
+        c.resume_grace_secs = 3;
+    });
+    let mut clock_user = Raw::connect(g.addrs()[0]);
+    clock_user.login("clock", "d", None);
+    g.advance_clock_ms(900);
+    sync(&mut clock_user);
+    let mut late = Raw::connect(g.addrs()[0]);
+    sync(&mut clock_user); // accepted at 0.9 s
+    g.advance_clock_ms(1_800); // 2.7 s: 1.8 s after the connect
+    sync(&mut clock_user);
+    assert_eq!(
+        late.login("late", "d", None).code,
+        ErrorCode::Ok as i32,
+        "1.8 s into a 2 s login deadline"
+    );
+    // Detached at 2.7 s; at 5.4 s (2.7 s into a 3 s grace period) it still resumes.
+    let r = {
+        let mut bob = Raw::connect(g.addrs()[0]);
+        let r = bob.login("bob", "d", None);
+        drop(bob);
+        r
+    };
+    eventually(|| g.node().connections() == 2);
+    sync(&mut clock_user);
+    g.advance_clock_ms(2_700);
+    sync(&mut clock_user);
+    let mut bob = Raw::connect(g.addrs()[0]);
+    assert!(
+        bob.login("bob", "d", Some((r.session_id.clone(), 0)))
+            .resumed,
+        "2.7 s into a 3 s grace period"
+    );
+    // And they do end: a connection that never logs in is closed within a second after.
+    let mut silent = Raw::connect(g.addrs()[0]);
+    sync(&mut clock_user);
+    g.advance_clock_ms(3_000);
+    sync(&mut clock_user);
+    let f = silent.recv();
+    assert_eq!(error_code(&f), ErrorCode::LoginTimeout);
+}
