@@ -73,8 +73,8 @@ settings! {
     processes: usize = 1, "TETHER_PROCESSES";
     /// This instance's id, sent in LOGIN_RESULT [default: tether-1].
     server_id: String = "tether-1".into(), "TETHER_SERVER_ID";
-    /// Most connections held at once; past it a connection gets ERROR SERVER_BUSY [default: 1000000].
-    max_connections: usize = 1_000_000, "TETHER_MAX_CONNECTIONS";
+    /// Most connections held at once; past it a connection gets ERROR SERVER_BUSY; 0: the process's descriptor limit (RLIMIT_NOFILE) less a reserve of FD_RESERVE, so that a flood gets SERVER_BUSY rather than EMFILE [default: 0].
+    max_connections: usize = 0, "TETHER_MAX_CONNECTIONS";
     /// retry_after_ms told to connections refused as busy [default: 5000].
     busy_retry_after_ms: u32 = 5_000, "TETHER_BUSY_RETRY_AFTER_MS";
     /// Listen backlog [default: 65535].
@@ -159,6 +159,41 @@ settings! {
     room_max_members: usize = 100_000, "TETHER_ROOM_MAX_MEMBERS";
     /// One-second slots of each worker's timing wheel [default: 512].
     timer_wheel_slots: usize = crate::timer::DEFAULT_WHEEL_SLOTS, "TETHER_TIMER_WHEEL_SLOTS";
+}
+
+/// Descriptors kept back from `max_connections` when it is derived from the process's limit:
+/// listeners, epoll and eventfd per worker, the admin server's connections, log files.
+pub const FD_RESERVE: usize = 256;
+
+/// The connection limit to run with: `max_connections`, or when it is 0 the descriptor limit
+/// less [`FD_RESERVE`] (at least 1). A limit set above the descriptors the process may open
+/// is kept, with a warning: past them accepts fail with EMFILE (and back off) rather than
+/// answer SERVER_BUSY.
+pub fn effective_max_connections(configured: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    let fds = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        usize::MAX
+    };
+    let fit = fds.saturating_sub(FD_RESERVE).max(1);
+    match configured {
+        0 => fit,
+        n if n > fit => {
+            tracing::warn!(
+                max_connections = n,
+                descriptors = fds,
+                "max_connections is above the descriptor limit less {FD_RESERVE} ({fit}): \
+                 a flood will meet EMFILE before SERVER_BUSY"
+            );
+            n
+        }
+        n => n,
+    }
 }
 
 /// Most gateway processes one supervisor starts (`processes`).

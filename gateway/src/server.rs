@@ -146,6 +146,8 @@ impl Gateway {
                 });
             }
         }
+        let mut config = config;
+        config.max_connections = crate::config::effective_max_connections(config.max_connections);
         let node = Node::new(config, clock, auth, upstream);
         let mut links = Vec::new();
         let mut ready = Vec::new();

@@ -511,6 +511,18 @@ impl Worker {
         if tls_to_write {
             self.mark_dirty(slot, 0);
         }
+        if failed.is_none() && !tls_failed && eof && !buf.is_empty() {
+            // The peer closed in the middle of a frame: that is an error the client hears of
+            // (§3.2), not a quiet close.
+            let want = if buf.len() >= 4 {
+                u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize + 4
+            } else {
+                tether_protocol::FIXED_HEADER_LEN
+            };
+            failed = Some(tether_codec::Error::Truncated {
+                needed: want.saturating_sub(buf.len()).max(1),
+            });
+        }
         let m = &self.node.metrics;
         m.frames_in.inc_by(frames);
         m.bytes_in.inc_by(bytes);

@@ -431,3 +431,47 @@ fn the_login_deadline_and_the_grace_period_never_end_early() {
     let f = silent.recv();
     assert_eq!(error_code(&f), ErrorCode::LoginTimeout);
 }
+
+#[test]
+fn a_frame_cut_short_by_fin_is_answered_with_an_error_before_the_close() {
+    // Seen: a truncated frame followed by FIN was closed without the ERROR §3.2 requires.
+    let (g, _chat) = start_chat(|_| {});
+    for cut in [3usize, 7] {
+        let mut c = Raw::connect(g.addrs()[0]);
+        let login = login_frame("x", "d", None)
+            .to_bytes(&tether_codec::Limits::default())
+            .unwrap();
+        c.send_bytes(&login[..cut]);
+        c.s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(
+            error_code(&c.recv()),
+            ErrorCode::MalformedFrame,
+            "cut at {cut}"
+        );
+        assert!(c.until_closed().is_empty());
+    }
+}
+
+#[test]
+fn the_connection_limit_defaults_below_the_descriptor_limit() {
+    // Seen: max_connections defaulted to 1,000,000, above the process's 20,000 descriptors:
+    // a flood ended in EMFILE instead of an early SERVER_BUSY.
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let soft: usize = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let n = tether_gateway::config::effective_max_connections(0);
+    assert_eq!(
+        n,
+        soft.saturating_sub(tether_gateway::config::FD_RESERVE)
+            .max(1)
+    );
+    assert_eq!(
+        tether_gateway::config::effective_max_connections(usize::MAX),
+        usize::MAX,
+        "an explicit limit is kept (with a warning)"
+    );
+    assert_eq!(tether_gateway::config::effective_max_connections(5), 5);
+}

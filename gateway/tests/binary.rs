@@ -45,7 +45,7 @@ fn spawn(fds: u32) -> Gw {
     let child = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "ulimit -n {fds} && exec {} --dev-auth --workers 1 --listen 127.0.0.1:{port} --admin-listen 127.0.0.1:{admin} --drain-window-ms 0 --drain-linger-ms 100",
+            "ulimit -n {fds} && exec {} --dev-auth --workers 1 --max-connections 100000 --listen 127.0.0.1:{port} --admin-listen 127.0.0.1:{admin} --drain-window-ms 0 --drain-linger-ms 100",
             env!("CARGO_BIN_EXE_tether-gateway")
         ))
         .env("TETHER_LOG", "error")
