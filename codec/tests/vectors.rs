@@ -153,7 +153,7 @@ const SESSION_ID: [u8; 16] = [
 /// The worked example of PROTOCOL.md §4.1.1: HMAC-SHA256 with the secret
 /// `tether-example-secret` over `v1.YWxpY2U.ZC03ZjNh.1767225600` (user `alice`, device
 /// `d-7f3a`, valid until 2026-01-01T00:00:00Z), base64url without padding. Computed with
-/// Python's `hmac` module, and it is what the gateway's `auth::mint_token` makes.
+/// Python's `hmac` module and with a copy of the gateway's `auth::mint_token`: the same.
 const EXAMPLE_TOKEN: &str =
     "v1.YWxpY2U.ZC03ZjNh.1767225600.a1jkMGO0JA-3MJWQ_Os9O3xlydkVpjMnQlCSKS3bltY";
 
