@@ -85,7 +85,7 @@ settings! {
     tcp_user_timeout_ms: u32 = 60_000, "TETHER_TCP_USER_TIMEOUT_MS";
     /// Longest pause of accepting after EMFILE/ENFILE/ENOBUFS (doubles from 10 ms) [default: 1000].
     accept_backoff_max_ms: u32 = 1_000, "TETHER_ACCEPT_BACKOFF_MAX_MS";
-    /// HMAC-SHA256 secret of the default token authenticator.
+    /// HMAC-SHA256 secret of the default token authenticator, at least 32 bytes.
     auth_secret: String = String::new(), "TETHER_AUTH_SECRET";
     /// Accept any token (user and device as the LOGIN claims). For development only; logs a warning [default: false].
     dev_auth: bool = false, "TETHER_DEV_AUTH" [num_args = 0..=1, default_missing_value = "true"];
@@ -153,6 +153,10 @@ settings! {
 
 /// Most gateway processes one supervisor starts (`processes`).
 pub const MAX_PROCESSES: usize = 1024;
+
+/// Shortest `auth_secret` accepted, bytes: an HMAC-SHA256 key shorter than this is open to
+/// guessing.
+pub const MIN_AUTH_SECRET_LEN: usize = 32;
 
 /// `host:port` (also `[v6]:port`) → (`host`, port).
 pub fn split_port(addr: &str) -> Option<(&str, u16)> {
@@ -265,6 +269,14 @@ impl Config {
         if self.heartbeat_misses == 0 || self.heartbeat_mobile_ms == 0 || self.heartbeat_web_ms == 0
         {
             return Err("heartbeat intervals and misses must be positive".into());
+        }
+        // Secrets and the admin port (gateway/ADMIN.md).
+        if !self.auth_secret.is_empty() && self.auth_secret.len() < MIN_AUTH_SECRET_LEN {
+            return Err(format!(
+                "auth_secret is {} bytes; it must be at least {MIN_AUTH_SECRET_LEN} \
+                 (e.g. `head -c 32 /dev/urandom | base64`)",
+                self.auth_secret.len()
+            ));
         }
         Ok(())
     }

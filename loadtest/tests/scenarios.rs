@@ -9,7 +9,8 @@ use serde_json::Value;
 use tether_gateway::config::Config;
 use tether_gateway::{Gateway, Options};
 
-const SECRET: &str = "loadtest-secret";
+/// At least the gateway's `MIN_AUTH_SECRET_LEN` (32) bytes.
+const SECRET: &str = "loadtest-secret-of-at-least-32-bytes";
 
 fn gateway() -> Gateway {
     Gateway::start(

@@ -18,7 +18,8 @@ use tether_protocol::pb;
 /// A failure guard only: tests wait on sockets, never on time passing.
 pub const GUARD: Duration = Duration::from_secs(10);
 
-pub const SECRET: &str = "test-secret";
+/// At least `MIN_AUTH_SECRET_LEN` (32) bytes, as the gateway requires.
+pub const SECRET: &str = "test-secret-of-at-least-32-bytes-0123";
 
 pub fn config() -> Config {
     Config {
