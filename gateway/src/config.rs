@@ -67,6 +67,10 @@ settings! {
     tls_handshake_timeout_secs: u32 = 10, "TETHER_TLS_HANDSHAKE_TIMEOUT_SECS";
     /// Admin and metrics HTTP address; empty disables it; with --processes N, process i listens on its port + i (port 0 stays 0) [default: 127.0.0.1:14080].
     admin_listen: String = "127.0.0.1:14080".into(), "TETHER_ADMIN_LISTEN";
+    /// File holding the admin bearer token (its content trimmed of whitespace, at least 16 bytes); when empty, the environment variable TETHER_ADMIN_TOKEN (never a flag) holds it. Without a token only /healthz, /readyz and /metrics are served, on loopback only (gateway/ADMIN.md) [default: none].
+    admin_token_file: String = String::new(), "TETHER_ADMIN_TOKEN_FILE";
+    /// Serve GET /metrics on the admin port without the admin token [default: false].
+    admin_metrics_public: bool = false, "TETHER_ADMIN_METRICS_PUBLIC" [num_args = 0..=1, default_missing_value = "true"];
     /// Worker threads (each with its own SO_REUSEPORT listeners); 0: one per core [default: 0].
     workers: usize = 0, "TETHER_WORKERS";
     /// Gateway processes sharing the listen ports via SO_REUSEPORT, started and supervised by this one (to hold more connections than one process's file limit); sessions are per process. Process i (from 0) gets server_id `<server_id>-<i>`, admin port + i and max_connections / processes (rounded up) [default: 1].
@@ -278,6 +282,7 @@ impl Config {
                 self.auth_secret.len()
             ));
         }
+        crate::admin::validate(self)?;
         Ok(())
     }
 }

@@ -98,6 +98,13 @@ fn main() -> std::process::ExitCode {
     }
     if cli.print_config {
         println!("{:#?}", redacted(&config));
+        // The admin token is no setting (it is never a flag); say whether there is one.
+        let token = match tether_gateway::admin::load_token(&config) {
+            Ok(Some(_)) => REDACTED.to_string(),
+            Ok(None) => UNSET.to_string(),
+            Err(e) => format!("<error: {e}>"),
+        };
+        println!("admin token: {token}");
         return std::process::ExitCode::SUCCESS;
     }
     if config.processes > 1 {
