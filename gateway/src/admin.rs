@@ -12,12 +12,15 @@
 //! The token (`Authorization: Bearer <token>`, at least [`MIN_ADMIN_TOKEN_LEN`] bytes) comes
 //! from the file `admin_token_file` or the environment variable [`ADMIN_TOKEN_ENV`], never
 //! from a flag. Without one, only the open endpoints and `/metrics` are served, and only on
-//! a loopback address; the others answer 403.
+//! a loopback address; the others answer 403. Each connection has `admin_header_timeout_ms`
+//! to send a request's headers (an idle keep-alive connection too) and
+//! `admin_body_timeout_ms` for its body; at most `admin_max_connections` are open at once.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -44,6 +47,13 @@ pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 /// Read from the environment only: a token on a command line is visible to every local
 /// user (`ps`, `/proc/<pid>/cmdline`).
 pub const ADMIN_TOKEN_ENV: &str = "TETHER_ADMIN_TOKEN";
+
+/// First pause of the accept loop after EMFILE, ENFILE, ENOBUFS or ENOMEM; it doubles up to
+/// `accept_backoff_max_ms`.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// Shortest interval between two log lines about refused or failed admin connections.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The admin bearer token, held only as its SHA-256 digest.
 #[derive(Clone)]
@@ -127,7 +137,64 @@ pub fn validate(config: &Config) -> Result<(), String> {
             config.admin_listen
         ));
     }
+    if config.admin_header_timeout_ms == 0 || config.admin_body_timeout_ms == 0 {
+        return Err("admin_header_timeout_ms and admin_body_timeout_ms must be positive".into());
+    }
+    if config.admin_max_connections == 0 {
+        return Err("admin_max_connections must be positive".into());
+    }
     Ok(())
+}
+
+/// Whether an accept error means the process or the system is out of something (descriptors,
+/// buffers, memory): retrying at once would fail the same way.
+fn is_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// The accept loop's pause after running out of something: [`ACCEPT_BACKOFF_MIN`], doubling
+/// up to `max`, back to the start after a successful accept.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: ACCEPT_BACKOFF_MIN,
+            max: max.max(ACCEPT_BACKOFF_MIN),
+        }
+    }
+
+    fn failed(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    fn succeeded(&mut self) {
+        self.next = ACCEPT_BACKOFF_MIN;
+    }
+}
+
+/// At most one log line per [`LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct Throttle(Option<Instant>);
+
+impl Throttle {
+    fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        if self.0.is_some_and(|t| now.duration_since(t) < LOG_INTERVAL) {
+            return false;
+        }
+        self.0 = Some(now);
+        true
+    }
 }
 
 /// A running admin server.
@@ -142,6 +209,7 @@ struct State {
     node: Arc<Node>,
     token: Option<AdminToken>,
     metrics_public: bool,
+    body_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,12 +379,24 @@ async fn handle(
             return Ok(r);
         }
     }
-    let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return Ok(bad(format!("body: {e}"))),
+    // The whole body within the deadline: a client that sends its headers and then trickles
+    // (or withholds) the body does not hold the connection longer than that.
+    let collect = Limited::new(req.into_body(), MAX_ADMIN_BODY).collect();
+    let body = match tokio::time::timeout(state.body_timeout, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Ok(closing(json_reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({ "error": format!("body over {MAX_ADMIN_BODY} bytes") }),
+            )))
+        }
+        Ok(Err(e)) => return Ok(bad(format!("body: {e}"))),
+        Err(_) => {
+            return Ok(closing(json_reply(
+                StatusCode::REQUEST_TIMEOUT,
+                json!({ "error": format!("body not received within {:?}", state.body_timeout) }),
+            )))
+        }
     };
     let node = &state.node;
     let r = match route {
@@ -412,6 +492,15 @@ async fn handle(
     Ok(r)
 }
 
+/// `r`, telling the client the connection closes after it (its body was not read to the end).
+fn closing(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    r
+}
+
 impl AdminServer {
     /// Binds `addr` and serves the admin endpoints with `node`'s settings (`admin_*`, the
     /// token from [`load_token`]). Refuses a non-loopback address without a token.
@@ -441,9 +530,13 @@ impl AdminServer {
                 "no admin token: only /healthz, /readyz and /metrics are served (gateway/ADMIN.md)"
             );
         }
+        let header_timeout = Duration::from_millis(config.admin_header_timeout_ms.into());
+        let max_connections = config.admin_max_connections;
+        let mut backoff = Backoff::new(Duration::from_millis(config.accept_backoff_max_ms.into()));
         let state = Arc::new(State {
             token,
             metrics_public: config.admin_metrics_public,
+            body_timeout: Duration::from_millis(config.admin_body_timeout_ms.into()),
             node: node.clone(),
         });
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -457,21 +550,64 @@ impl AdminServer {
                     let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
                         return;
                     };
+                    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    // The header timeout runs from the moment hyper waits for a request: it
+                    // also ends an idle (keep-alive or never used) connection.
+                    http.timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(header_timeout);
+                    let mut full_log = Throttle::default();
+                    let mut error_log = Throttle::default();
                     loop {
-                        tokio::select! {
+                        let accepted = tokio::select! {
                             _ = &mut stop_rx => break,
-                            accepted = listener.accept() => {
-                                let Ok((stream, _)) = accepted else { continue };
-                                let state = state.clone();
-                                tokio::spawn(async move {
-                                    let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                                    let io = hyper_util::rt::TokioIo::new(stream);
-                                    let _ = hyper::server::conn::http1::Builder::new()
-                                        .serve_connection(io, svc)
-                                        .await;
-                                });
+                            accepted = listener.accept() => accepted,
+                        };
+                        let stream = match accepted {
+                            Ok((stream, _)) => {
+                                backoff.succeeded();
+                                stream
                             }
-                        }
+                            Err(e) if is_exhaustion(&e) => {
+                                // Retrying at once would fail the same way, as fast as the
+                                // loop turns.
+                                let pause = backoff.failed();
+                                if error_log.ready() {
+                                    tracing::warn!("admin accept failed: {e}; pausing {pause:?}");
+                                }
+                                tokio::select! {
+                                    _ = &mut stop_rx => break,
+                                    _ = tokio::time::sleep(pause) => continue,
+                                }
+                            }
+                            Err(e) => {
+                                // ECONNABORTED and the like: that connection is gone, the next
+                                // one may not be.
+                                if error_log.ready() {
+                                    tracing::debug!("admin accept failed: {e}");
+                                }
+                                continue;
+                            }
+                        };
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            if full_log.ready() {
+                                tracing::warn!(
+                                    max_connections,
+                                    "admin connections at the cap: closing new ones"
+                                );
+                            }
+                            drop(stream);
+                            continue;
+                        };
+                        let state = state.clone();
+                        let conn = http.serve_connection(
+                            hyper_util::rt::TokioIo::new(stream),
+                            hyper::service::service_fn(move |req| handle(state.clone(), req)),
+                        );
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                            drop(slot);
+                        });
                     }
                 })
             })?;
@@ -534,5 +670,21 @@ mod tests {
         ] {
             assert!(!is_loopback(a), "{a}");
         }
+    }
+
+    #[test]
+    fn accept_backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(1000));
+        let ms: Vec<u128> = (0..9).map(|_| b.failed().as_millis()).collect();
+        assert_eq!(ms, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        b.succeeded();
+        assert_eq!(b.failed(), ACCEPT_BACKOFF_MIN);
+        // A cap below the start is the start.
+        assert_eq!(Backoff::new(Duration::ZERO).failed(), ACCEPT_BACKOFF_MIN);
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(is_exhaustion(&emfile));
+        assert!(!is_exhaustion(&std::io::Error::from_raw_os_error(
+            libc::ECONNABORTED
+        )));
     }
 }

@@ -71,6 +71,12 @@ settings! {
     admin_token_file: String = String::new(), "TETHER_ADMIN_TOKEN_FILE";
     /// Serve GET /metrics on the admin port without the admin token [default: false].
     admin_metrics_public: bool = false, "TETHER_ADMIN_METRICS_PUBLIC" [num_args = 0..=1, default_missing_value = "true"];
+    /// Ms an admin connection has to send a request's headers, counted from when it is accepted or its previous response was sent; then it is closed [default: 5000].
+    admin_header_timeout_ms: u32 = 5_000, "TETHER_ADMIN_HEADER_TIMEOUT_MS";
+    /// Ms an admin request has to send its whole body after its headers; then it gets 408 and is closed [default: 10000].
+    admin_body_timeout_ms: u32 = 10_000, "TETHER_ADMIN_BODY_TIMEOUT_MS";
+    /// Most admin connections open at once; past it a new one is closed at once [default: 64].
+    admin_max_connections: usize = 64, "TETHER_ADMIN_MAX_CONNECTIONS";
     /// Worker threads (each with its own SO_REUSEPORT listeners); 0: one per core [default: 0].
     workers: usize = 0, "TETHER_WORKERS";
     /// Gateway processes sharing the listen ports via SO_REUSEPORT, started and supervised by this one (to hold more connections than one process's file limit); sessions are per process. Process i (from 0) gets server_id `<server_id>-<i>`, admin port + i and max_connections / processes (rounded up) [default: 1].

@@ -1,11 +1,14 @@
 //! The admin port as an operator meets it (gateway/ADMIN.md): every endpoint with the token;
 //! without it or with a wrong one, 401 (403 when no token is configured) and nothing done;
-//! the open probes; where it may listen; and the secrets `--print-config` must not show.
+//! the open probes; where it may listen; its deadlines, connection cap and accept backoff;
+//! and the secrets `--print-config` must not show.
 
 mod common;
 
-use std::net::SocketAddr;
-use std::process::Command;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
 use tether_codec::{Frame, Header};
@@ -331,4 +334,234 @@ fn print_config_shows_no_secret() {
     let out = run(&["--dev-auth"], None);
     assert!(out.contains("auth_secret: \"<unset>\""), "{out}");
     assert!(out.contains("admin token: <unset>"), "{out}");
+}
+
+/// Reads until the server closes the connection, within `limit`; how long that took, or
+/// `None` if it was still open then. What came before the close is returned too.
+fn until_closed(s: &mut TcpStream, limit: Duration) -> (Option<Duration>, Vec<u8>) {
+    let start = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (Some(start.elapsed()), got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                return (Some(start.elapsed()), got)
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return (None, got)
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_request_whose_headers_do_not_arrive_in_time_is_closed() {
+    let g = start(|c| c.admin_header_timeout_ms = 200);
+    let admin = g.admin_addr().unwrap();
+    let start = Instant::now();
+    // Half a request, then nothing.
+    let mut half = TcpStream::connect(admin).unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-and-then")
+        .unwrap();
+    // And a connection that never says anything.
+    let mut silent = TcpStream::connect(admin).unwrap();
+    for s in [&mut half, &mut silent] {
+        let (closed, _) = until_closed(s, Duration::from_secs(8));
+        assert!(
+            closed.is_some(),
+            "closed by the server within 8 s, not left open"
+        );
+        assert!(
+            start.elapsed() >= Duration::from_millis(150),
+            "not before the timeout"
+        );
+    }
+    // The next one is served.
+    assert_eq!(http(admin, "GET", "/healthz", None, "").status, 200);
+}
+
+#[test]
+fn a_body_that_does_not_arrive_in_time_gets_408() {
+    let g = start(|c| {
+        c.admin_token_file = admin_token_file();
+        c.admin_body_timeout_ms = 200;
+    });
+    let admin = g.admin_addr().unwrap();
+    let mut s = TcpStream::connect(admin).unwrap();
+    write!(
+        s,
+        "POST /push HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-length: 100\r\n\r\n{{\"target\""
+    )
+    .unwrap();
+    let (closed, got) = until_closed(&mut s, Duration::from_secs(8));
+    assert!(closed.is_some(), "closed within 8 s");
+    let r = parse_http(&String::from_utf8_lossy(&got));
+    assert_eq!(r.status, 408, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"));
+}
+
+/// Reads one whole `/healthz` answer from a kept-alive connection.
+fn healthz_answer(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"ok\n") {
+        let n = s.read(&mut buf).expect("an answer within the guard");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn connections_past_the_cap_are_closed_at_once() {
+    const CAP: usize = 4;
+    let g = start(|c| {
+        c.admin_max_connections = CAP;
+        // Long enough never to end a held connection during the test.
+        c.admin_header_timeout_ms = 60_000;
+    });
+    let admin = g.admin_addr().unwrap();
+    let keep_alive = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    // CAP connections, each answered once (so each surely holds a slot) and kept open.
+    let mut held: Vec<TcpStream> = (0..CAP)
+        .map(|_| {
+            let mut s = TcpStream::connect(admin).unwrap();
+            s.set_read_timeout(Some(GUARD)).unwrap();
+            s.write_all(keep_alive).unwrap();
+            assert!(healthz_answer(&mut s).starts_with("HTTP/1.1 200"));
+            s
+        })
+        .collect();
+    // Past the cap: closed without an answer, well before any timeout.
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(admin).unwrap();
+        let _ = s.write_all(keep_alive);
+        let (closed, got) = until_closed(&mut s, Duration::from_secs(20));
+        assert!(closed.is_some(), "closed by the server");
+        assert!(
+            got.is_empty(),
+            "no answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // The held ones are still served.
+    for s in &mut held {
+        s.write_all(keep_alive).unwrap();
+        assert!(healthz_answer(s).starts_with("HTTP/1.1 200"));
+    }
+    // Once they are gone, a new connection is served (the server frees a slot when it has
+    // seen the close: retried until then).
+    drop(held);
+    let start = Instant::now();
+    loop {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(GUARD)).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let mut resp = Vec::new();
+        let _ = s.read_to_end(&mut resp);
+        if resp.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(start.elapsed() < GUARD, "no slot freed within the guard");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// CPU seconds (user + system) the process has used, from /proc.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat(5); 12 and 13 after the comm.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    ticks / 100.0
+}
+
+#[test]
+fn out_of_descriptors_the_admin_accept_loop_backs_off_instead_of_spinning() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = std::env::temp_dir().join(format!("tether-admin-emfile-{}.log", std::process::id()));
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {} --dev-auth --workers 1 --listen 127.0.0.1:0 --admin-listen {admin} --admin-max-connections 1000 --admin-header-timeout-ms 60000",
+            env!("CARGO_BIN_EXE_tether-gateway")
+        ))
+        .env_remove(ADMIN_TOKEN_ENV)
+        .env("TETHER_LOG", "warn")
+        // The log goes to standard output.
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    eventually(|| {
+        assert!(child.try_wait().unwrap().is_none(), "the gateway exited");
+        TcpStream::connect(admin).is_ok()
+    });
+    let child = Kill(child);
+    // More connections than the process has descriptors: the kernel completes them all,
+    // the gateway can accept only some.
+    let idle: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(admin).unwrap())
+        .collect();
+    // Out of descriptors now (the last connections wait in the backlog): a spinning accept
+    // loop would burn a core; a backing-off one almost nothing.
+    std::thread::sleep(Duration::from_millis(300));
+    let (t0, c0) = (Instant::now(), cpu_secs(pid));
+    std::thread::sleep(Duration::from_secs(2));
+    let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_secs(pid) - c0);
+    assert!(
+        cpu < 0.15 * wall,
+        "the gateway used {cpu:.2} s of CPU in {wall:.2} s while out of descriptors"
+    );
+    // It said so, at most once a second.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = text.matches("admin accept failed").count();
+    assert!(
+        (1..=4).contains(&lines),
+        "{lines} log lines in ~2.3 s:\n{text}"
+    );
+    // Descriptors back: it accepts again.
+    drop(idle);
+    let start = Instant::now();
+    loop {
+        let ok = TcpStream::connect(admin).is_ok_and(|mut s| {
+            s.set_read_timeout(Some(GUARD)).unwrap();
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            let mut resp = Vec::new();
+            let _ = s.read_to_end(&mut resp);
+            resp.starts_with(b"HTTP/1.1 200")
+        });
+        if ok {
+            break;
+        }
+        assert!(
+            start.elapsed() < GUARD,
+            "not accepting again within the guard"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(child);
 }
