@@ -49,7 +49,8 @@ if [ -z "${TABLE_ONLY:-}" ]; then
     local gw_args=()
     while [ "$1" != "--" ]; do gw_args+=("$1"); shift; done; shift
     TETHER_LOG=warn "$GW" --dev-auth --workers 2 --listen "127.0.0.1:$PORT" \
-      --admin-listen "127.0.0.1:$ADMIN" "${gw_args[@]}" > "$OUT/gateway-$name.log" 2>&1 &
+      --admin-listen "127.0.0.1:$ADMIN" --admin-metrics-public "${gw_args[@]}" \
+      > "$OUT/gateway-$name.log" 2>&1 &
     local pid=$!
     for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$ADMIN) 2>/dev/null && break; sleep 0.05; done
     "$LT" --addr "127.0.0.1:$PORT" --admin "127.0.0.1:$ADMIN" --gateway-pid "$pid" \

@@ -72,7 +72,7 @@ pid=
 stop() { [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; pid=; }
 trap stop EXIT
 TETHER_LOG=warn "$gw" --dev-auth --processes "$procs" --workers 1 \
-  --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN" \
+  --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN" --admin-metrics-public \
   --max-connections $(( procs * 19500 )) --drain-window-ms 1000 --drain-linger-ms 500 \
   > "$OUT/gateway.log" 2>&1 &
 pid=$!

@@ -67,6 +67,16 @@ settings! {
     tls_handshake_timeout_secs: u32 = 10, "TETHER_TLS_HANDSHAKE_TIMEOUT_SECS";
     /// Admin and metrics HTTP address; empty disables it; with --processes N, process i listens on its port + i (port 0 stays 0) [default: 127.0.0.1:14080].
     admin_listen: String = "127.0.0.1:14080".into(), "TETHER_ADMIN_LISTEN";
+    /// File holding the admin bearer token (its content trimmed of whitespace, at least 16 bytes); when empty, the environment variable TETHER_ADMIN_TOKEN (never a flag) holds it. Without a token only /healthz, /readyz and /metrics are served, on loopback only (gateway/ADMIN.md) [default: none].
+    admin_token_file: String = String::new(), "TETHER_ADMIN_TOKEN_FILE";
+    /// Serve GET /metrics on the admin port without the admin token [default: false].
+    admin_metrics_public: bool = false, "TETHER_ADMIN_METRICS_PUBLIC" [num_args = 0..=1, default_missing_value = "true"];
+    /// Ms an admin connection has to send a request's headers, counted from when it is accepted or its previous response was sent; then it is closed [default: 5000].
+    admin_header_timeout_ms: u32 = 5_000, "TETHER_ADMIN_HEADER_TIMEOUT_MS";
+    /// Ms an admin request has to send its whole body after its headers; then it gets 408 and is closed [default: 10000].
+    admin_body_timeout_ms: u32 = 10_000, "TETHER_ADMIN_BODY_TIMEOUT_MS";
+    /// Most admin connections open at once; past it a new one is closed at once [default: 64].
+    admin_max_connections: usize = 64, "TETHER_ADMIN_MAX_CONNECTIONS";
     /// Worker threads (each with its own SO_REUSEPORT listeners); 0: one per core [default: 0].
     workers: usize = 0, "TETHER_WORKERS";
     /// Gateway processes sharing the listen ports via SO_REUSEPORT, started and supervised by this one (to hold more connections than one process's file limit); sessions are per process. Process i (from 0) gets server_id `<server_id>-<i>`, admin port + i and max_connections / processes (rounded up) [default: 1].
@@ -85,7 +95,7 @@ settings! {
     tcp_user_timeout_ms: u32 = 60_000, "TETHER_TCP_USER_TIMEOUT_MS";
     /// Longest pause of accepting after EMFILE/ENFILE/ENOBUFS (doubles from 10 ms) [default: 1000].
     accept_backoff_max_ms: u32 = 1_000, "TETHER_ACCEPT_BACKOFF_MAX_MS";
-    /// HMAC-SHA256 secret of the default token authenticator.
+    /// HMAC-SHA256 secret of the default token authenticator, at least 32 bytes.
     auth_secret: String = String::new(), "TETHER_AUTH_SECRET";
     /// Accept any token (user and device as the LOGIN claims). For development only; logs a warning [default: false].
     dev_auth: bool = false, "TETHER_DEV_AUTH" [num_args = 0..=1, default_missing_value = "true"];
@@ -198,6 +208,10 @@ pub fn effective_max_connections(configured: usize) -> usize {
 
 /// Most gateway processes one supervisor starts (`processes`).
 pub const MAX_PROCESSES: usize = 1024;
+
+/// Shortest `auth_secret` accepted, bytes: an HMAC-SHA256 key shorter than this is open to
+/// guessing.
+pub const MIN_AUTH_SECRET_LEN: usize = 32;
 
 /// `host:port` (also `[v6]:port`) → (`host`, port).
 pub fn split_port(addr: &str) -> Option<(&str, u16)> {
@@ -324,6 +338,15 @@ impl Config {
         {
             return Err("heartbeat intervals and misses must be positive".into());
         }
+        // Secrets and the admin port (gateway/ADMIN.md).
+        if !self.auth_secret.is_empty() && self.auth_secret.len() < MIN_AUTH_SECRET_LEN {
+            return Err(format!(
+                "auth_secret is {} bytes; it must be at least {MIN_AUTH_SECRET_LEN} \
+                 (e.g. `head -c 32 /dev/urandom | base64`)",
+                self.auth_secret.len()
+            ));
+        }
+        crate::admin::validate(self)?;
         Ok(())
     }
 }

@@ -36,6 +36,19 @@ impl tracing_subscriber::fmt::time::FormatTime for ChildTimer {
     }
 }
 
+/// What `--print-config` shows instead of a secret that is set, and of one that is not.
+const REDACTED: &str = "<redacted>";
+const UNSET: &str = "<unset>";
+
+/// `config` with its secrets replaced by [`REDACTED`] or [`UNSET`], for printing.
+fn redacted(config: &Config) -> Config {
+    let hide = |s: &str| if s.is_empty() { UNSET } else { REDACTED }.to_string();
+    Config {
+        auth_secret: hide(&config.auth_secret),
+        ..config.clone()
+    }
+}
+
 fn main() -> std::process::ExitCode {
     // Set by a supervisor: this process is its child `index` of `count`.
     let role = supervisor::child_role();
@@ -84,7 +97,14 @@ fn main() -> std::process::ExitCode {
         );
     }
     if cli.print_config {
-        println!("{config:#?}");
+        println!("{:#?}", redacted(&config));
+        // The admin token is no setting (it is never a flag); say whether there is one.
+        let token = match tether_gateway::admin::load_token(&config) {
+            Ok(Some(_)) => REDACTED.to_string(),
+            Ok(None) => UNSET.to_string(),
+            Err(e) => format!("<error: {e}>"),
+        };
+        println!("admin token: {token}");
         return std::process::ExitCode::SUCCESS;
     }
     if config.processes > 1 {

@@ -140,38 +140,24 @@ async fn login_and_chat_over_tls_beside_a_plain_listener() {
     assert_eq!(text_of(&next_message(&mut bob_ev).await.1), "still here");
 }
 
-/// A minimal HTTP/1.1 request to the admin port (no HTTP client crate needed for a test).
-fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(GUARD)).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp[9..12].parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+/// An admin request with the token; (status, body).
+fn admin(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let r = http(addr, method, path, Some(ADMIN_TOKEN), body);
+    (r.status, r.body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_push_endpoint_delivers_and_counts() {
-    let g = start(|_| {});
-    let admin = g.admin_addr().unwrap();
+    let g = start(|c| c.admin_token_file = admin_token_file());
+    let admin_addr = g.admin_addr().unwrap();
     let (_bob, mut bob_ev) = Client::connect(client_config(g.addrs()[0], "bob", "phone"))
         .await
         .unwrap();
     let (_bob2, mut bob2_ev) = Client::connect(client_config(g.addrs()[0], "bob", "tablet"))
         .await
         .unwrap();
-    let (status, body) = http(
-        admin,
+    let (status, body) = admin(
+        admin_addr,
         "POST",
         "/push",
         r#"{"target":{"user":"bob"},"text":"from ops"}"#,
@@ -187,8 +173,8 @@ async fn the_admin_push_endpoint_delivers_and_counts() {
         let (_, body) = next_message(ev).await;
         assert_eq!(text_of(&body), "from ops");
     }
-    let (status, body) = http(
-        admin,
+    let (status, body) = admin(
+        admin_addr,
         "POST",
         "/push",
         r#"{"target":"all","body_type":7,"body_base64":"aGk="}"#,
@@ -201,27 +187,27 @@ async fn the_admin_push_endpoint_delivers_and_counts() {
         )
     );
     assert_eq!(&next_message(&mut bob_ev).await.1[..], b"hi");
-    let (status, _) = http(
-        admin,
+    let (status, _) = admin(
+        admin_addr,
         "POST",
         "/push",
         r#"{"target":{"nobody":1},"text":"x"}"#,
     );
     assert_eq!(status, 400);
-    let (status, body) = http(admin, "GET", "/users/bob/sessions", "");
+    let (status, body) = admin(admin_addr, "GET", "/users/bob/sessions", "");
     assert_eq!(status, 200);
     assert_eq!(body.matches("session_id").count(), 2, "{body}");
-    let (status, body) = http(admin, "GET", "/online", "");
+    let (status, body) = admin(admin_addr, "GET", "/online", "");
     assert_eq!(
         (status, body.as_str()),
         (200, r#"{"connections":2,"sessions":2}"#)
     );
-    let (status, body) = http(admin, "GET", "/metrics", "");
+    let (status, body) = admin(admin_addr, "GET", "/metrics", "");
     assert_eq!(status, 200);
     assert!(body.contains("tether_connections 2"), "{body}");
-    assert_eq!(http(admin, "GET", "/readyz", "").0, 200);
-    assert_eq!(http(admin, "POST", "/drain", "").0, 202);
-    assert_eq!(http(admin, "GET", "/readyz", "").0, 503);
+    assert_eq!(admin(admin_addr, "GET", "/readyz", "").0, 200);
+    assert_eq!(admin(admin_addr, "POST", "/drain", "").0, 202);
+    assert_eq!(admin(admin_addr, "GET", "/readyz", "").0, 503);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

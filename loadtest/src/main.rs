@@ -66,6 +66,10 @@ pub struct Cli {
     /// Gateway admin addresses whose /metrics to read (summed).
     #[arg(long, value_delimiter = ',', global = true)]
     admin: Vec<SocketAddr>,
+    /// A file holding the gateway's admin token, sent with each /metrics read; without it,
+    /// the environment variable TETHER_ADMIN_TOKEN if set (gateway/ADMIN.md).
+    #[arg(long, global = true)]
+    admin_token_file: Option<PathBuf>,
     /// Write the report as JSON here.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
@@ -331,7 +335,23 @@ struct ServerSnap {
     machine: sys::MachineCpu,
 }
 
-async fn server_snap(cli: &Cli, worker_pids: &[u32]) -> ServerSnap {
+/// The admin token to read /metrics with: `--admin-token-file`'s content, else
+/// `TETHER_ADMIN_TOKEN`, trimmed; `None` when neither is given (the gateway then serves
+/// /metrics without one, on loopback, or with `--admin-metrics-public`).
+fn admin_token(cli: &Cli) -> Result<Option<String>, String> {
+    let text = match &cli.admin_token_file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| format!("--admin-token-file {}: {e}", p.display()))?,
+        None => match std::env::var(tether_gateway::admin::ADMIN_TOKEN_ENV) {
+            Ok(t) => t,
+            Err(_) => return Ok(None),
+        },
+    };
+    let t = text.trim();
+    Ok((!t.is_empty()).then(|| t.to_string()))
+}
+
+async fn server_snap(cli: &Cli, token: Option<&str>, worker_pids: &[u32]) -> ServerSnap {
     let pids: Vec<u32> = cli
         .gateway_pid
         .iter()
@@ -339,10 +359,14 @@ async fn server_snap(cli: &Cli, worker_pids: &[u32]) -> ServerSnap {
         .collect();
     let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
     for a in &cli.admin {
-        if let Ok(m) = sys::scrape_metrics(*a).await {
-            for (k, v) in m {
-                *metrics.entry(k).or_default() += v;
+        match sys::scrape_metrics(*a, token).await {
+            Ok(m) => {
+                for (k, v) in m {
+                    *metrics.entry(k).or_default() += v;
+                }
             }
+            // A 401 here most likely wants --admin-token-file.
+            Err(e) => eprintln!("tether-loadtest: warning: {e}"),
         }
     }
     ServerSnap {
@@ -431,9 +455,11 @@ async fn coordinate(cli: Cli) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let started_unix_ms = worker::now_us() / 1_000;
+    let token = admin_token(&cli)?;
+    let token = token.as_deref();
     let started = Instant::now();
     let mut snaps: BTreeMap<String, ServerSnap> = BTreeMap::new();
-    snaps.insert("start".into(), server_snap(&cli, &[]).await);
+    snaps.insert("start".into(), server_snap(&cli, token, &[]).await);
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Option<Msg>)>();
     let mut children = Vec::new();
@@ -540,7 +566,7 @@ async fn coordinate(cli: Cli) -> Result<(), String> {
                 .next()
                 .map(|(n, _)| n.clone())
                 .unwrap_or_default();
-            snaps.insert(name.clone(), server_snap(&cli, &pids).await);
+            snaps.insert(name.clone(), server_snap(&cli, token, &pids).await);
             let answer = if name == "step" {
                 let mut p = Part::default();
                 for (_, sp) in at_barrier.values() {
@@ -589,7 +615,7 @@ async fn coordinate(cli: Cli) -> Result<(), String> {
     for c in &mut children {
         let _ = tokio::time::timeout(plan::WORKER_EXIT_TIMEOUT, c.wait()).await;
     }
-    snaps.insert("end".into(), server_snap(&cli, &[]).await);
+    snaps.insert("end".into(), server_snap(&cli, token, &[]).await);
     let mut r = Report {
         scenario: cli.scenario.name().into(),
         started_unix_ms,

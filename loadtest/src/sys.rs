@@ -280,22 +280,26 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_RESPONSE: usize = 64 << 20;
 
 /// `GET http://<admin>/metrics` (hyper's HTTP/1 client, [`SCRAPE_TIMEOUT`] for the whole
-/// exchange, at most [`MAX_RESPONSE`] bytes) and parse the Prometheus text format with
-/// [`parse_prometheus`].
+/// exchange, at most [`MAX_RESPONSE`] bytes), with `Authorization: Bearer <token>` when a
+/// `token` is given (the gateway's admin token, gateway/ADMIN.md), and parse the Prometheus
+/// text format with [`parse_prometheus`].
 ///
 /// # Errors
 ///
 /// A status other than 200, a malformed response, a timeout or a connection
 /// error gives an `Err` with a short description naming the address.
-pub async fn scrape_metrics(admin: SocketAddr) -> Result<BTreeMap<String, f64>, String> {
-    let body = tokio::time::timeout(SCRAPE_TIMEOUT, fetch_metrics(admin))
+pub async fn scrape_metrics(
+    admin: SocketAddr,
+    token: Option<&str>,
+) -> Result<BTreeMap<String, f64>, String> {
+    let body = tokio::time::timeout(SCRAPE_TIMEOUT, fetch_metrics(admin, token))
         .await
         .map_err(|_| format!("GET http://{admin}/metrics: timed out after {SCRAPE_TIMEOUT:?}"))??;
     Ok(parse_prometheus(&String::from_utf8_lossy(&body)))
 }
 
 /// Performs the request (hyper's HTTP/1 client) and returns the body of a 200 response.
-async fn fetch_metrics(admin: SocketAddr) -> Result<Vec<u8>, String> {
+async fn fetch_metrics(admin: SocketAddr, token: Option<&str>) -> Result<Vec<u8>, String> {
     use http_body_util::{BodyExt, Empty, Limited};
     let err =
         |what: &str, e: &dyn std::fmt::Display| format!("GET http://{admin}/metrics: {what}: {e}");
@@ -308,9 +312,13 @@ async fn fetch_metrics(admin: SocketAddr) -> Result<Vec<u8>, String> {
             .map_err(|e| err("handshake", &e))?;
     // Drives the connection; ends with it (or with this task's runtime).
     tokio::spawn(conn);
-    let request = hyper::Request::get("/metrics")
+    let mut request = hyper::Request::get("/metrics")
         .header(hyper::header::HOST, admin.to_string())
-        .header(hyper::header::USER_AGENT, "tether-loadtest")
+        .header(hyper::header::USER_AGENT, "tether-loadtest");
+    if let Some(t) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let request = request
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|e| err("request", &e))?;
     let response = sender
@@ -635,7 +643,7 @@ garbage line here
             String::from_utf8(req).unwrap()
         });
         let started = std::time::Instant::now();
-        let m = scrape_metrics(addr).await.unwrap();
+        let m = scrape_metrics(addr, None).await.unwrap();
         assert!(started.elapsed() < Duration::from_secs(2));
         let expected = parse_prometheus(SAMPLE);
         assert_eq!(m.len(), expected.len());
@@ -644,6 +652,36 @@ garbage line here
         }
         assert_eq!(metric_sum(&m, "tether_errors_total"), 10.0);
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn scrapes_with_the_admin_token() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = sock.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "client closed early");
+                    req.extend_from_slice(&buf[..n]);
+                }
+                let req = String::from_utf8(req).unwrap().to_ascii_lowercase();
+                let resp: &[u8] = if req.contains("\r\nauthorization: bearer the-token\r\n") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\ntether_up 1.0\n\n"
+                } else {
+                    b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\nno"
+                };
+                sock.write_all(resp).await.unwrap();
+            }
+        });
+        let m = scrape_metrics(addr, Some("the-token")).await.unwrap();
+        assert_eq!(m.get("tether_up"), Some(&1.0));
+        let e = scrape_metrics(addr, None).await.unwrap_err();
+        assert!(e.contains("HTTP 401"), "{e}");
+        server.await.unwrap();
     }
 
     #[tokio::test]
@@ -659,7 +697,7 @@ garbage line here
                 .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\n\r\nnot found")
                 .await;
         });
-        let e = scrape_metrics(addr).await.unwrap_err();
+        let e = scrape_metrics(addr, None).await.unwrap_err();
         assert!(e.contains("HTTP 404"), "{e}");
         server.await.unwrap();
 
@@ -672,7 +710,7 @@ garbage line here
             drop(sock);
         });
         let started = std::time::Instant::now();
-        let e = scrape_metrics(addr).await.unwrap_err();
+        let e = scrape_metrics(addr, None).await.unwrap_err();
         assert!(e.contains("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(3));
         server.abort();
@@ -681,7 +719,7 @@ garbage line here
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let e = scrape_metrics(addr).await.unwrap_err();
+        let e = scrape_metrics(addr, None).await.unwrap_err();
         assert!(e.contains("connect"), "{e}");
     }
 }

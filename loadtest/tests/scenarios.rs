@@ -9,7 +9,24 @@ use serde_json::Value;
 use tether_gateway::config::Config;
 use tether_gateway::{Gateway, Options};
 
-const SECRET: &str = "loadtest-secret";
+/// At least the gateway's `MIN_AUTH_SECRET_LEN` (32) bytes.
+const SECRET: &str = "loadtest-secret-of-at-least-32-bytes";
+
+/// The gateway's admin token, which the load tester reads /metrics with
+/// (`--admin-token-file`).
+const ADMIN_TOKEN: &str = "loadtest-admin-token-0123456789";
+
+/// A file holding [`ADMIN_TOKEN`].
+fn admin_token_file() -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!(
+        "tether-loadtest-admin-token-{}-{n}",
+        std::process::id()
+    ));
+    std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).unwrap();
+    path.to_string_lossy().into()
+}
 
 fn gateway() -> Gateway {
     Gateway::start(
@@ -18,6 +35,7 @@ fn gateway() -> Gateway {
             admin_listen: "127.0.0.1:0".into(),
             workers: 2,
             auth_secret: SECRET.into(),
+            admin_token_file: admin_token_file(),
             uplink_rate: 0,
             ..Config::default()
         },
@@ -40,6 +58,8 @@ fn run(gw: &Gateway, args: &[&str]) -> Value {
         .args(args)
         .args(["--addr", &gw.addrs()[0].to_string()])
         .args(["--admin", &gw.admin_addr().unwrap().to_string()])
+        .args(["--admin-token-file", &gw.node().config.admin_token_file])
+        .env_remove(tether_gateway::admin::ADMIN_TOKEN_ENV)
         .args(["--secret", SECRET, "--no-progress", "--max-secs", "120"])
         .args(["--sources", "127.0.0.1-127.0.0.3"])
         .arg("--json")

@@ -18,7 +18,96 @@ use tether_protocol::pb;
 /// A failure guard only: tests wait on sockets, never on time passing.
 pub const GUARD: Duration = Duration::from_secs(10);
 
-pub const SECRET: &str = "test-secret";
+/// At least `MIN_AUTH_SECRET_LEN` (32) bytes, as the gateway requires.
+pub const SECRET: &str = "test-secret-of-at-least-32-bytes-0123";
+
+/// The admin token of the tests that configure one ([`admin_token_file`]).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// A new file holding [`ADMIN_TOKEN`] and a newline (as an editor leaves it), for
+/// `admin_token_file`.
+pub fn admin_token_file() -> String {
+    write_temp("admin-token", &format!("{ADMIN_TOKEN}\n"))
+}
+
+/// A new file in the temporary directory with `content`; its path.
+pub fn write_temp(name: &str, content: &str) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("tether-{name}-{}-{n}", std::process::id()));
+    std::fs::write(&path, content).unwrap();
+    path.to_string_lossy().into()
+}
+
+/// An HTTP response as the tests look at it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header lines as sent, `name: value`, names lowercased.
+    pub headers: Vec<String>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let prefix = format!("{}:", name.to_ascii_lowercase());
+        self.headers
+            .iter()
+            .find_map(|h| h.strip_prefix(&prefix))
+            .map(str::trim)
+    }
+}
+
+/// One HTTP/1.1 request to the admin port (`connection: close`), with a bearer `token` if
+/// given; no HTTP client crate needed for a test.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> HttpResponse {
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    http_raw(
+        addr,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// Sends `request` as it is and reads the response until the server closes.
+pub fn http_raw(addr: SocketAddr, request: &str) -> HttpResponse {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    parse_http(&resp)
+}
+
+/// A response's status, header lines and body (not chunked: the admin server sends a length).
+pub fn parse_http(resp: &str) -> HttpResponse {
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.get(9..12))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"));
+    let headers = lines
+        .map(|l| match l.split_once(':') {
+            Some((n, v)) => format!("{}:{v}", n.to_ascii_lowercase()),
+            None => l.to_string(),
+        })
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
 
 pub fn config() -> Config {
     Config {
