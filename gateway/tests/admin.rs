@@ -115,7 +115,13 @@ fn every_endpoint_works_with_the_token() {
         t,
         r#"{"target":{"user":"alice"},"text":"from ops"}"#,
     );
-    assert_eq!((r.status, r.body.as_str()), (200, r#"{"delivered":1}"#));
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (
+            200,
+            r#"{"delivered":1,"held":0,"refused":0,"refused_full":0,"sent":1}"#
+        )
+    );
     assert_eq!(text_of(&a.downlink().1), "from ops");
     let r = http(admin, "POST", "/push", t, r#"{"target":{"nobody":1}}"#);
     assert_eq!(r.status, 400, "{}", r.body);
