@@ -67,6 +67,9 @@ pub struct Session {
     pub id: SessionId,
     pub user: Arc<str>,
     pub device: Box<str>,
+    /// The platform class of the login that made it (for the `per-platform-class` policy,
+    /// read under a registry shard lock, where a session lock must not be taken).
+    class: u8,
     pub(crate) state: Mutex<SessionCore>,
 }
 
@@ -499,6 +502,7 @@ impl Node {
             id: random_id(),
             user: Arc::from(id.user_id.as_str()),
             device: id.device_id.into_boxed_str(),
+            class: platform_class(platform),
             state: Mutex::new(SessionCore::new(conn, accept_gzip, platform, now)),
         });
         // In the id map before the user's list: a concurrent login that replaces this
@@ -522,9 +526,7 @@ impl Node {
             list.retain(|s| {
                 let replace = match self.config.multi_device {
                     MultiDevice::PerDevice => s.device == session.device,
-                    MultiDevice::PerPlatformClass => {
-                        s.device == session.device || platform_class(s.platform()) == class
-                    }
+                    MultiDevice::PerPlatformClass => s.device == session.device || s.class == class,
                     MultiDevice::Single => true,
                 };
                 if replace {
