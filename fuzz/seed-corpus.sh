@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds fuzz/corpus/<target>/ from the protocol's test vectors (protocol/vectors/{valid,invalid}/
-# *.json, each with a "hex" field: the frame's bytes), shaped as each target reads its input:
+# Builds fuzz/corpus/<target>/ from the protocol's test vectors (protocol/vectors/*/*.json:
+# a "hex" field with a frame or stream, or a transcript's "steps" each with one), shaped as each target reads its input:
 #
 #   decode, roundtrip  the frame bytes; plus every small valid frame back to back, as one stream
 #   decode_chunked     byte 0 = (number of chunk sizes - 1), the sizes, then the frame bytes
@@ -53,11 +53,21 @@ vectors = sorted((here / ".." / "protocol" / "vectors").glob("*/*.json"))
 if not vectors:
     print("seed-corpus: no vectors under protocol/vectors; seeding a PING only", file=sys.stderr)
 
-valid = []
-for p in vectors:
-    v = json.loads(p.read_text())
+def inputs(p, v):
+    """(name, bytes) pairs a vector file gives: its frame or stream, or a transcript's steps
+    one by one and all of them as one stream."""
     name = v.get("name") or p.stem
-    data = bytes.fromhex(v["hex"])
+    if "hex" in v:
+        return [(name, bytes.fromhex(v["hex"]))]
+    steps = [bytes.fromhex(s["hex"]) for s in v.get("steps", []) if "hex" in s]
+    out = [(f"{name}-{i}", b) for i, b in enumerate(steps)]
+    if len(steps) > 1:
+        out.append((name, b"".join(steps)))
+    return out
+
+
+valid = []
+for p, name, data in ((p, n, d) for p in vectors for n, d in inputs(p, json.loads(p.read_text()))):
     if p.parent.name == "valid":
         valid.append(data)
     put("decode", name, data)
