@@ -42,6 +42,13 @@ impl Decoder {
         }
         Frame::from_parts(fixed, src.split_to(frame_len)).map(Some)
     }
+
+    /// The stream ended with `rest` left over after the last frame [`decode`](Self::decode)
+    /// took: `None` if nothing is left, else the error the peer is owed (PROTOCOL.md §3.2: a
+    /// frame cut short is `MALFORMED_FRAME`, or the fixed header's own error).
+    pub fn at_end(&self, rest: &[u8]) -> Option<Error> {
+        (!rest.is_empty()).then(|| truncated(rest, &self.limits))
+    }
 }
 
 /// Decodes the one frame at the front of a complete input: returns it and the bytes it
@@ -86,6 +93,24 @@ mod tests {
 
     use super::*;
     use crate::Header;
+
+    #[test]
+    fn a_stream_that_ends_inside_a_frame_owes_an_error() {
+        let d = Decoder::default();
+        assert_eq!(d.at_end(b""), None);
+        let ping = Frame::new(Header::Ping(pb::Ping {}))
+            .to_bytes(&Limits::default())
+            .unwrap();
+        assert_eq!(d.at_end(&ping[..3]), Some(Error::Truncated { needed: 7 }));
+        assert_eq!(d.at_end(&ping[..9]), Some(Error::Truncated { needed: 1 }));
+        let mut long = ping.to_vec();
+        long[3] = 20; // the length says 20: 14 bytes more
+        assert_eq!(d.at_end(&long), Some(Error::Truncated { needed: 14 }));
+        assert_eq!(
+            d.at_end(&long).unwrap().code(),
+            pb::ErrorCode::MalformedFrame
+        );
+    }
 
     #[test]
     fn a_decoded_body_points_into_the_read_buffer() {

@@ -36,6 +36,7 @@ use tether_protocol::pb::KickReason;
 
 use crate::config::{split_port, Config};
 use crate::node::{hex, Node, Push, Target};
+use crate::worker::is_resource_error;
 
 /// Largest admin request body: 1 MiB.
 pub const MAX_ADMIN_BODY: usize = 1 << 20;
@@ -144,15 +145,6 @@ pub fn validate(config: &Config) -> Result<(), String> {
         return Err("admin_max_connections must be positive".into());
     }
     Ok(())
-}
-
-/// Whether an accept error means the process or the system is out of something (descriptors,
-/// buffers, memory): retrying at once would fail the same way.
-fn is_exhaustion(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 /// The accept loop's pause after running out of something: [`ACCEPT_BACKOFF_MIN`], doubling
@@ -577,7 +569,7 @@ impl AdminServer {
                                 backoff.succeeded();
                                 stream
                             }
-                            Err(e) if is_exhaustion(&e) => {
+                            Err(e) if is_resource_error(&e) => {
                                 // Retrying at once would fail the same way, as fast as the
                                 // loop turns.
                                 let pause = backoff.failed();
@@ -691,8 +683,8 @@ mod tests {
         // A cap below the start is the start.
         assert_eq!(Backoff::new(Duration::ZERO).failed(), ACCEPT_BACKOFF_MIN);
         let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
-        assert!(is_exhaustion(&emfile));
-        assert!(!is_exhaustion(&std::io::Error::from_raw_os_error(
+        assert!(is_resource_error(&emfile));
+        assert!(!is_resource_error(&std::io::Error::from_raw_os_error(
             libc::ECONNABORTED
         )));
     }

@@ -116,15 +116,6 @@ impl ChatUpstream {
         self.mail.lock().bytes
     }
 
-    /// Messages waiting for a live session's buffer to make room.
-    pub fn backlog_len(&self, session: &SessionId) -> usize {
-        self.mail
-            .lock()
-            .backlog
-            .get(session)
-            .map_or(0, |q| q.items.len())
-    }
-
     fn fits(&self, mail: &Mail, q: Option<&Queue>, len: usize) -> bool {
         let (n, bytes) = q.map_or((0, 0), |q| (q.items.len(), q.bytes));
         n < self.max_messages
@@ -203,19 +194,26 @@ impl ChatUpstream {
         }
     }
 
-    /// Delivers a new message to a session, behind anything already waiting for it.
-    fn send(&self, hub: &Hub, mail: &mut Mail, session: &Session, m: Stored) {
-        let waiting = mail.backlog.contains_key(&session.id);
-        if !waiting {
-            match deliver_stored(hub, session, &m) {
-                Delivery::Refused(Refusal::Full) => {}
-                _ => return,
-            }
+    /// Delivers a new message to a session, behind anything already waiting for it: `live`
+    /// as it is pushed now (its plain body, and `gz` once compressed for every session), or,
+    /// if the session's buffer refuses it, `stored` into its backlog.
+    fn send(
+        &self,
+        hub: &Hub,
+        mail: &mut Mail,
+        session: &Session,
+        live: (&Push, Option<&Bytes>),
+        stored: &Stored,
+    ) {
+        if !mail.backlog.contains_key(&session.id)
+            && hub.deliver(session, live.0, live.1) != Delivery::Refused(Refusal::Full)
+        {
+            return;
         }
-        mail.bytes += m.body.len();
+        mail.bytes += stored.body.len();
         let q = mail.backlog.entry(session.id).or_default();
-        q.bytes += m.body.len();
-        q.items.push_back(m);
+        q.bytes += stored.body.len();
+        q.items.push_back(stored.clone());
     }
 
     fn decode(hub: &Hub, uplink: &Uplink) -> Result<ChatMessage, Outcome> {
@@ -325,21 +323,22 @@ impl Upstream for ChatUpstream {
                 "message too large to deliver",
             ));
         }
-        let (gzip, body) = match hub.compressed(&plain) {
-            Some(gz) => (true, gz),
-            None => (false, plain),
-        };
+        let gz = hub.compressed(&plain);
         let stored = Stored {
             at_ms: now,
             id: msg.server_msg_id,
-            gzip,
-            body,
+            gzip: gz.is_some(),
+            body: gz.clone().unwrap_or_else(|| plain.clone()),
         };
+        let mut push = Push::new(CHAT_BODY_TYPE, plain);
+        push.receipt = msg.server_msg_id;
+        let live = (&push, gz.as_ref());
         let busy = || Outcome {
             code: ErrorCode::RateLimited,
             retry_after_ms: BUSY_RETRY_AFTER_MS,
             message: "the recipient has too much waiting; retry later".into(),
         };
+        let len = stored.body.len();
         let mut mail = self.mail.lock();
         match msg.target.clone() {
             Some(ChatTarget::ToUser(user)) => {
@@ -347,15 +346,11 @@ impl Upstream for ChatUpstream {
                     return reply.send(Outcome::err(ErrorCode::Rejected, "empty to_user"));
                 }
                 let mut targets = hub.user_sessions(&user);
-                if targets.is_empty() {
-                    drop(targets);
-                    if !self.enqueue_offline(&mut mail, &user, stored.clone()) {
-                        return reply.send(Outcome::err(
-                            ErrorCode::Rejected,
-                            "the recipient's offline queue is full",
-                        ));
-                    }
-                    targets = Vec::new();
+                if targets.is_empty() && !self.enqueue_offline(&mut mail, &user, stored.clone()) {
+                    return reply.send(Outcome::err(
+                        ErrorCode::Rejected,
+                        "the recipient's offline queue is full",
+                    ));
                 }
                 if *user != *session.user {
                     // The sender's other devices see what was sent.
@@ -367,7 +362,6 @@ impl Upstream for ChatUpstream {
                 }
                 // Every target takes it or none does: refused to the sender (retriable)
                 // rather than delivered to some devices and lost for others.
-                let len = stored.body.len();
                 let room_for_all = targets.iter().all(|s| match mail.backlog.get(&s.id) {
                     None => hub.has_room(s, len) || self.fits(&mail, None, len),
                     q => self.fits(&mail, q, len),
@@ -376,7 +370,7 @@ impl Upstream for ChatUpstream {
                     return reply.send(busy());
                 }
                 for s in &targets {
-                    self.send(hub, &mut mail, s, stored.clone());
+                    self.send(hub, &mut mail, s, live, &stored);
                 }
             }
             Some(ChatTarget::ToRoom(room)) => {
@@ -390,22 +384,21 @@ impl Upstream for ChatUpstream {
                     if s.id == session.id {
                         continue;
                     }
-                    if mail.backlog.contains_key(&s.id)
-                        && !self.fits(&mail, mail.backlog.get(&s.id), stored.body.len())
-                    {
+                    let q = mail.backlog.get(&s.id);
+                    if q.is_some() && !self.fits(&mail, q, len) {
                         // A member that cannot keep up with the room misses this message
-                        // (counted); the room does not wait for it.
+                        // (logged); the room does not wait for it.
                         tracing::debug!(member = %s.user, "room backlog full: message skipped");
                         continue;
                     }
-                    self.send(hub, &mut mail, &s, stored.clone());
+                    self.send(hub, &mut mail, &s, live, &stored);
                 }
             }
             None => {
-                if !self.fits(&mail, mail.backlog.get(&session.id), stored.body.len()) {
+                if !self.fits(&mail, mail.backlog.get(&session.id), len) {
                     return reply.send(busy());
                 }
-                self.send(hub, &mut mail, session, stored);
+                self.send(hub, &mut mail, session, live, &stored);
             }
         }
         drop(mail);

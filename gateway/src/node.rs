@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use crate::timer::Tick;
-
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use hashbrown::HashTable;
@@ -27,6 +25,7 @@ use crate::config::{Config, MultiDevice};
 use crate::metrics::Metrics;
 pub use crate::session::core::{ConnRef, Delivery, Link, Refusal};
 use crate::session::core::{PushBody, SessionCore, SessionLimits, Verdict};
+use crate::timer::Tick;
 use crate::upstream::{EndReason, Outcome, Reply, ReplyInner, Uplink, Upstream};
 
 /// 128 random bits (PROTOCOL.md §4.2).
@@ -253,8 +252,6 @@ pub struct Node {
     rooms: Shards<Arc<str>, HashMap<SessionId, Arc<Session>>>,
     pub(crate) connections: AtomicUsize,
     session_count: AtomicUsize,
-    /// Body bytes of accepted, unacked downlinks over every live session.
-    buffered: AtomicUsize,
     draining: AtomicBool,
     pub(crate) stopped_workers: AtomicU32,
     /// Requests with the upstream, by deadline (the timeout is fixed, so this is a FIFO).
@@ -307,7 +304,6 @@ impl Node {
             rooms: Shards::new(),
             connections: AtomicUsize::new(0),
             session_count: AtomicUsize::new(0),
-            buffered: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             stopped_workers: AtomicU32::new(0),
             pending: Mutex::new(Default::default()),
@@ -458,8 +454,8 @@ impl Node {
         }
     }
 
-    /// Runs `f` on a session's core under its lock, keeping the node's count of buffered
-    /// bytes in step with what `f` did to the buffer.
+    /// Runs `f` on a session's core under its lock, keeping the gauge of buffered bytes in
+    /// step with what `f` did to the buffer (one atomic add, only when it changed).
     pub(crate) fn with_core<R>(&self, s: &Session, f: impl FnOnce(&mut SessionCore) -> R) -> R {
         let mut core = s.state.lock();
         let before = core.downlink_state().1;
@@ -467,19 +463,16 @@ impl Node {
         let after = core.downlink_state().1;
         drop(core);
         if after != before {
-            // Wrapping: a decrease is the two's complement of its size.
-            let total = self
-                .buffered
-                .fetch_add(after.wrapping_sub(before), Ordering::Relaxed)
-                .wrapping_add(after.wrapping_sub(before));
-            self.metrics.buffered_bytes.set(total as i64);
+            self.metrics
+                .buffered_bytes
+                .inc_by(after as i64 - before as i64);
         }
         r
     }
 
     /// Body bytes of accepted, unacked downlinks over every live session.
     pub fn buffered_bytes(&self) -> usize {
-        self.buffered.load(Ordering::Relaxed)
+        self.metrics.buffered_bytes.get().max(0) as usize
     }
 
     /// Binds an authenticated login on `conn` at `now` to a session: resumes the one it names

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
@@ -109,9 +109,13 @@ fn errno_label(e: &io::Error) -> &'static str {
     }
 }
 
-/// Accept errors that mean "out of resources": back off instead of spinning.
-fn is_resource_error(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+/// Accept errors that mean "out of resources": back off instead of spinning (the admin
+/// server's accept loop asks the same).
+pub(crate) fn is_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 fn conn_ref(worker: u16, slot: usize, gen: u32) -> ConnRef {
@@ -511,17 +515,10 @@ impl Worker {
         if tls_to_write {
             self.mark_dirty(slot, 0);
         }
-        if failed.is_none() && !tls_failed && eof && !buf.is_empty() {
+        if failed.is_none() && !tls_failed && eof {
             // The peer closed in the middle of a frame: that is an error the client hears of
             // (§3.2), not a quiet close.
-            let want = if buf.len() >= 4 {
-                u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize + 4
-            } else {
-                tether_protocol::FIXED_HEADER_LEN
-            };
-            failed = Some(tether_codec::Error::Truncated {
-                needed: want.saturating_sub(buf.len()).max(1),
-            });
+            failed = self.decoder.at_end(&buf);
         }
         let m = &self.node.metrics;
         m.frames_in.inc_by(frames);
@@ -597,26 +594,31 @@ impl Worker {
                     request_id,
                     room_id,
                     body,
-                } => {
-                    if let Some(f) = self.node.room_request(&s, true, request_id, room_id, body) {
-                        self.queue(slot, &f);
-                    }
-                }
+                } => self.room_request(slot, &s, true, request_id, room_id, body),
                 Action::RoomLeave {
                     request_id,
                     room_id,
-                } => {
-                    let f =
-                        self.node
-                            .room_request(&s, false, request_id, room_id, Default::default());
-                    if let Some(f) = f {
-                        self.queue(slot, &f);
-                    }
-                }
+                } => self.room_request(slot, &s, false, request_id, room_id, Bytes::new()),
                 Action::Send(_) | Action::Close(_) | Action::Login { .. } => {}
             }
         }
         self.actions = actions;
+    }
+
+    /// A ROOM_JOIN (`join`) or ROOM_LEAVE: to the upstream, or refused at once (the answer
+    /// queued here).
+    fn room_request(
+        &mut self,
+        slot: usize,
+        s: &Arc<Session>,
+        join: bool,
+        request_id: u64,
+        room_id: String,
+        body: Bytes,
+    ) {
+        if let Some(f) = self.node.room_request(s, join, request_id, room_id, body) {
+            self.queue(slot, &f);
+        }
     }
 
     fn login(&mut self, slot: usize, login: &pb::Login, now: Tick) {

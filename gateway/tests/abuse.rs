@@ -37,14 +37,9 @@ fn start_chat(f: impl FnOnce(&mut Config)) -> (Gateway, Arc<ChatUpstream>) {
 
 /// Text that gzip cannot shrink much (so a burst really is this many bytes on the wire).
 fn noise(n: usize, seed: u64) -> String {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (b'0' + (x % 75) as u8) as char
-        })
+    xorshift(seed)
+        .take(n)
+        .map(|x| (b'0' + (x % 75) as u8) as char)
         .collect()
 }
 
@@ -92,6 +87,11 @@ fn an_offline_queue_larger_than_the_buffer_arrives_whole_paced_by_acks() {
         assert!(t.starts_with(&format!("{i} ")), "message {i} in order");
     }
     assert_eq!(g.node().connections(), 2, "never closed");
+    let m = g.node().metrics.encode();
+    assert!(
+        m.contains("tether_pushes_refused_total{reason=\"full\"}"),
+        "the buffer did refuse (the pacing was exercised): {m}"
+    );
     eventually(|| chat.stored_bytes() == 0);
 }
 
@@ -146,7 +146,11 @@ fn a_burst_from_another_user_never_closes_a_receiver_that_reads_and_acks() {
     }
     assert_eq!(g.node().connections(), 4, "nobody closed");
     let m = g.node().metrics.encode();
-    assert!(!m.contains("tether_slow_consumers_total 1"), "{m}");
+    assert!(m.contains("tether_slow_consumers_total 0"), "{m}");
+    assert!(
+        m.contains("tether_pushes_refused_total{reason=\"full\"}"),
+        "the burst did overrun the buffers (the backlog was exercised): {m}"
+    );
 }
 
 #[test]
@@ -195,18 +199,9 @@ fn gzip_uplinks_to_users_who_do_not_exist_are_stored_compressed_within_a_byte_bo
     let mut mallory = Raw::connect(g.addrs()[0]);
     mallory.login("mallory", "phone", None);
     // Two-letter noise: inflates ~8x (within the ratio cap), so each one is ~50 KB plain.
-    let mut x = 5u64;
-    let text: String = (0..50_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if x & 1 == 0 {
-                'a'
-            } else {
-                'b'
-            }
-        })
+    let text: String = xorshift(5)
+        .take(50_000)
+        .map(|x| if x & 1 == 0 { 'a' } else { 'b' })
         .collect();
     let mut rejected = 0;
     for i in 0..200u64 {
@@ -462,6 +457,7 @@ fn the_connection_limit_defaults_below_the_descriptor_limit() {
         .find(|l| l.starts_with("Max open files"))
         .unwrap();
     let soft: usize = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert_eq!(Config::default().max_connections, 0, "derived by default");
     let n = tether_gateway::config::effective_max_connections(0);
     assert_eq!(
         n,

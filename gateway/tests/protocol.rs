@@ -556,14 +556,9 @@ fn a_downlink_too_large_for_a_frame_is_refused_not_skipped() {
     bob.login("bob", "phone", None);
     let target = tether_gateway::node::Target::User("bob".into());
     // Incompressible, so gzip does not save it.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let big: Vec<u8> = (0..70_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
+    let big: Vec<u8> = xorshift(0x9E37_79B9_7F4A_7C15)
+        .take(70_000)
+        .map(|x| x as u8)
         .collect();
     assert_eq!(
         g.node()

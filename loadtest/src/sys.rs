@@ -608,19 +608,25 @@ garbage line here
         assert!(tree.contains(&child_pid), "{tree:?} lacks {child_pid}");
     }
 
+    /// Reads an HTTP request up to the end of its head.
+    async fn read_request_head(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = sock.read(&mut buf).await.unwrap();
+            assert!(n > 0, "client closed early");
+            req.extend_from_slice(&buf[..n]);
+        }
+        req
+    }
+
     #[tokio::test]
     async fn scrapes_a_chunked_response() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (mut sock, _) = listener.accept().await.unwrap();
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = sock.read(&mut buf).await.unwrap();
-                assert!(n > 0, "client closed early");
-                req.extend_from_slice(&buf[..n]);
-            }
+            let req = read_request_head(&mut sock).await;
             let body = SAMPLE.as_bytes();
             let mut resp = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\n\
                              transfer-encoding: chunked\r\n\r\n"
@@ -661,13 +667,7 @@ garbage line here
         let server = tokio::spawn(async move {
             for _ in 0..2 {
                 let (mut sock, _) = listener.accept().await.unwrap();
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = sock.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "client closed early");
-                    req.extend_from_slice(&buf[..n]);
-                }
+                let req = read_request_head(&mut sock).await;
                 let req = String::from_utf8(req).unwrap().to_ascii_lowercase();
                 let resp: &[u8] = if req.contains("\r\nauthorization: bearer the-token\r\n") {
                     b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\ntether_up 1.0\n\n"

@@ -80,7 +80,7 @@ impl Default for SessionLimits {
     fn default() -> Self {
         SessionLimits {
             downlink: DownlinkLimits::default(),
-            max_body: 64 * 1024 - 64,
+            max_body: SessionLimits::max_body_for(&Limits::default()),
             dedup_window: super::dedup::DEFAULT_DEDUP_WINDOW,
             uplink_rate: 50,
             uplink_burst: 100,
@@ -315,17 +315,12 @@ impl SessionCore {
         // A last_seq above what was ever sent counts as the highest seq sent (§6.6), not as
         // the highest pushed: downlinks buffered while detached were never seen.
         let last_seq = last_seq.min(self.sent);
-        let mut receipts = Vec::new();
-        self.downlink.ack(last_seq, |d| {
-            if d.receipt != 0 {
-                receipts.push(d.receipt);
-            }
-        });
+        let (receipts, _) = self.release(last_seq);
         let gap = self.downlink.resume(last_seq).gap;
         self.sent = self.downlink.acked().max(gap.map_or(0, |g| g.1));
         self.flush_queued = false;
         self.replay = true;
-        self.transient.clear();
+        self.transient = ThinVec::new();
         self.accept_gzip = accept_gzip;
         self.platform = platform;
         self.progress_at = now;
@@ -445,10 +440,19 @@ impl SessionCore {
     /// A cumulative DOWNLINK_ACK at `now`: the receipts of what it released. An ack for a
     /// seq this connection was never sent is ignored (§6.5).
     pub fn handle_ack(&mut self, seq: u64, now: Tick) -> Vec<u64> {
-        let mut receipts = Vec::new();
         if seq > self.sent || !self.is_attached() {
-            return receipts;
+            return Vec::new();
         }
+        let (receipts, released) = self.release(seq);
+        if released {
+            self.progress_at = now;
+        }
+        receipts
+    }
+
+    /// Acks up to `seq`: the receipts of what that released, and whether it released any.
+    fn release(&mut self, seq: u64) -> (Vec<u64>, bool) {
+        let mut receipts = Vec::new();
         let mut released = false;
         self.downlink.ack(seq, |d| {
             released = true;
@@ -456,10 +460,7 @@ impl SessionCore {
                 receipts.push(d.receipt);
             }
         });
-        if released {
-            self.progress_at = now;
-        }
-        receipts
+        (receipts, released)
     }
 
     /// An UPLINK at `now_ms` (gateway milliseconds).

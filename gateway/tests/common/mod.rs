@@ -183,6 +183,18 @@ pub fn text_of(body: &[u8]) -> String {
     }
 }
 
+/// A reproducible stream of pseudo-random numbers (xorshift64), for test bodies that gzip
+/// must not shrink much.
+pub fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
+    let mut x = seed | 1;
+    std::iter::repeat_with(move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    })
+}
+
 /// A frame-level client over a blocking socket.
 pub struct Raw {
     pub s: TcpStream,
