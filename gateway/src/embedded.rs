@@ -252,7 +252,7 @@ fn deliver_stored(hub: &Hub, session: &Session, m: &Stored) -> Delivery {
 }
 
 impl Upstream for ChatUpstream {
-    fn session_opened(&self, hub: &Hub, session: &SessionRef, resumed: bool) {
+    fn session_opened(&self, hub: &Hub, session: &SessionRef, resumed: bool, _login_body: &Bytes) {
         if resumed {
             return;
         }
@@ -337,6 +337,7 @@ impl Upstream for ChatUpstream {
             code: ErrorCode::RateLimited,
             retry_after_ms: BUSY_RETRY_AFTER_MS,
             message: "the recipient has too much waiting; retry later".into(),
+            body: Bytes::new(),
         };
         let len = stored.body.len();
         let mut mail = self.mail.lock();

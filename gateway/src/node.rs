@@ -478,14 +478,22 @@ impl Node {
     /// Binds an authenticated login on `conn` at `now` to a session: resumes the one it names
     /// if that is allowed (PROTOCOL.md §6.6), or makes a fresh one, replacing older sessions
     /// as the multi-device policy says.
-    pub(crate) fn bind(&self, id: Identity, login: &pb::Login, conn: ConnRef, now: Tick) -> Bound {
+    pub(crate) fn bind(
+        &self,
+        id: Identity,
+        login: &pb::Login,
+        login_body: &Bytes,
+        conn: ConnRef,
+        now: Tick,
+    ) -> Bound {
         let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
         let accept_gzip = login.compression.contains(&(pb::Compression::Gzip as i32));
         if let Some(r) = &login.resume {
             match self.try_resume(&id, r, conn, accept_gzip, platform, now) {
                 Some(b) => {
                     Metrics::inc(&self.metrics.resumes, "outcome", "resumed");
-                    self.upstream.session_opened(&self.arc(), &b.session, true);
+                    self.upstream
+                        .session_opened(&self.arc(), &b.session, true, login_body);
                     return b;
                 }
                 None => Metrics::inc(&self.metrics.resumes, "outcome", "not_resumed"),
@@ -543,7 +551,8 @@ impl Node {
                 session.state.lock().inherit(carry);
             }
         }
-        self.upstream.session_opened(&self.arc(), &session, false);
+        self.upstream
+            .session_opened(&self.arc(), &session, false, login_body);
         Bound {
             session,
             resumed: false,
@@ -876,6 +885,7 @@ impl Node {
                         code,
                         retry_after_ms,
                         message: message.into(),
+                        body: Bytes::new(),
                     },
                 ))
             }
@@ -927,7 +937,7 @@ impl Node {
                 ErrorCode::RateLimited => "too many room requests",
                 _ => "in too many rooms",
             };
-            return Some(room_result(request_id, room, code, message.into()));
+            return Some(room_result(request_id, room, &Outcome::err(code, message)));
         }
         let node = self.arc();
         let s = session.clone();
@@ -946,7 +956,7 @@ impl Node {
             }
             let link = s.state.lock().link();
             if let Link::Attached(c) = link {
-                let f = room_result(request_id, room2, o.code, o.message);
+                let f = room_result(request_id, room2, &o);
                 node.send(c.worker, Cmd::Send(c, f));
             }
         });
@@ -971,20 +981,26 @@ impl Node {
     }
 }
 
-fn room_result(request_id: u64, room_id: String, code: ErrorCode, message: String) -> Frame {
-    Frame::new(Header::RoomResult(Box::new(pb::RoomResult {
-        request_id,
-        room_id,
-        code: code as i32,
-        message,
-    })))
+fn room_result(request_id: u64, room_id: String, o: &Outcome) -> Frame {
+    Frame::with_body(
+        Header::RoomResult(Box::new(pb::RoomResult {
+            request_id,
+            room_id,
+            code: o.code as i32,
+            message: o.message.clone(),
+        })),
+        o.body.clone(),
+    )
 }
 
 pub(crate) fn uplink_ack(msg_id: u64, o: &Outcome) -> Frame {
-    Frame::new(Header::UplinkAck(pb::UplinkAck {
-        msg_id,
-        code: o.code as i32,
-        retry_after_ms: o.retry_after_ms,
-        message: o.message.clone(),
-    }))
+    Frame::with_body(
+        Header::UplinkAck(pb::UplinkAck {
+            msg_id,
+            code: o.code as i32,
+            retry_after_ms: o.retry_after_ms,
+            message: o.message.clone(),
+        }),
+        o.body.clone(),
+    )
 }

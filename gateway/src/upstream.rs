@@ -62,6 +62,9 @@ pub struct Outcome {
     pub code: ErrorCode,
     pub retry_after_ms: u32,
     pub message: String,
+    /// The answer's body, passed to the client as the UPLINK_ACK's or ROOM_RESULT's body
+    /// (PROTOCOL.md §4.6, §4.13); usually empty.
+    pub body: Bytes,
 }
 
 impl Outcome {
@@ -74,6 +77,7 @@ impl Outcome {
             code,
             retry_after_ms: 0,
             message: message.into(),
+            body: Bytes::new(),
         }
     }
 }
@@ -143,8 +147,9 @@ impl Drop for Reply {
 
 /// The back end. Every method is called on a gateway worker thread and must not block.
 pub trait Upstream: Send + Sync + 'static {
-    /// A session logged in (`resumed`: an existing one re-attached to a new connection).
-    fn session_opened(&self, hub: &Hub, session: &SessionRef, resumed: bool);
+    /// A session logged in (`resumed`: an existing one re-attached to a new connection);
+    /// `login_body` is the LOGIN frame's body as the client sent it (often empty).
+    fn session_opened(&self, hub: &Hub, session: &SessionRef, resumed: bool, login_body: &Bytes);
     /// A session ended for good. `undelivered`: every downlink it had accepted and the client
     /// never acked, oldest first (their `receipt`s, bodies as pushed): the back end keeps
     /// them for the user (offline) or reports them undelivered; the gateway holds nothing of

@@ -562,8 +562,8 @@ impl Worker {
                     self.close(slot, Some(code), close_label(Some(code)));
                     continue;
                 }
-                Action::Login { login, .. } => {
-                    self.login(slot, &login, now);
+                Action::Login { login, body } => {
+                    self.login(slot, &login, &body, now);
                     continue;
                 }
                 a => a,
@@ -621,7 +621,7 @@ impl Worker {
         }
     }
 
-    fn login(&mut self, slot: usize, login: &pb::Login, now: Tick) {
+    fn login(&mut self, slot: usize, login: &pb::Login, body: &Bytes, now: Tick) {
         let node = self.node.clone();
         let fail =
             |w: &mut Worker, code: ErrorCode, message: &str, reason: &'static str, retry: u32| {
@@ -655,7 +655,7 @@ impl Worker {
             return;
         };
         let me = self.me(slot, gen);
-        let bound = node.bind(id, login, me, now);
+        let bound = node.bind(id, login, body, me, now);
         Metrics::inc(&node.metrics.logins, "result", "ok");
         let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
         let interval = node.heartbeat_ms(platform);

@@ -28,7 +28,7 @@ struct Flaky {
 }
 
 impl Upstream for Flaky {
-    fn session_opened(&self, _: &Hub, s: &SessionRef, resumed: bool) {
+    fn session_opened(&self, _: &Hub, s: &SessionRef, resumed: bool, _: &Bytes) {
         self.events
             .lock()
             .unwrap()
@@ -54,6 +54,7 @@ impl Upstream for Flaky {
                 code: ErrorCode::UpstreamUnavailable,
                 retry_after_ms: 250,
                 message: "try later".into(),
+                body: Bytes::new(),
             })
         }
     }
@@ -154,7 +155,7 @@ struct Silent {
 }
 
 impl Upstream for Silent {
-    fn session_opened(&self, _: &Hub, _: &SessionRef, _: bool) {}
+    fn session_opened(&self, _: &Hub, _: &SessionRef, _: bool, _: &Bytes) {}
     fn session_ended(&self, _: &Hub, _: &SessionRef, _: EndReason, _: &[Downlink]) {}
     fn uplink(&self, _: &Hub, _: &SessionRef, _: Uplink, reply: Reply) {
         self.held.lock().unwrap().push(reply);
@@ -347,4 +348,72 @@ fn acked_downlinks_are_reported_to_the_upstream_as_delivery_receipts() {
     c.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
     assert!(matches!(c.recv().header, Header::Pong(_)));
     assert_eq!(*up.receipts.lock().unwrap(), [11, 12]);
+}
+
+/// Answers with bodies and keeps the LOGIN body it was handed.
+#[derive(Default)]
+struct Bodies {
+    login_bodies: Mutex<Vec<Bytes>>,
+}
+
+impl Upstream for Bodies {
+    fn session_opened(&self, _: &Hub, _: &SessionRef, _: bool, body: &Bytes) {
+        self.login_bodies.lock().unwrap().push(body.clone());
+    }
+    fn session_ended(&self, _: &Hub, _: &SessionRef, _: EndReason, _: &[Downlink]) {}
+    fn uplink(&self, _: &Hub, _: &SessionRef, u: Uplink, reply: Reply) {
+        let mut o = Outcome::ok();
+        o.body = Bytes::from([&b"stored: "[..], &u.body[..]].concat());
+        reply.send(o)
+    }
+    fn room_join(&self, _: &Hub, _: &SessionRef, room: &str, body: Bytes, reply: Reply) {
+        let mut o = Outcome::ok();
+        o.body = Bytes::from(format!(
+            "welcome to {room}, {}",
+            String::from_utf8_lossy(&body)
+        ));
+        reply.send(o)
+    }
+    fn room_leave(&self, _: &Hub, _: &SessionRef, _: &str, reply: Reply) {
+        reply.ok()
+    }
+    fn delivered(&self, _: &Hub, _: &SessionRef, _: &[u64]) {}
+}
+
+#[test]
+fn bodies_travel_where_the_spec_says_login_to_the_upstream_answers_to_the_client() {
+    // Seen: LOGIN's body never reached the upstream; UPLINK_ACK and ROOM_RESULT had none.
+    let up = Arc::new(Bodies::default());
+    let g = Gateway::start(
+        config(),
+        Options {
+            clock: Some(Clock::manual()),
+            upstream: Some(up.clone()),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let mut c = Raw::connect(g.addrs()[0]);
+    let mut login = login_frame("alice", "phone", None);
+    login.body = Bytes::from_static(b"device-info");
+    c.send(&login);
+    assert!(matches!(c.recv().header, Header::LoginResult(r) if r.code == 0));
+    assert_eq!(
+        *up.login_bodies.lock().unwrap(),
+        [Bytes::from_static(b"device-info")]
+    );
+    c.uplink(1, Bytes::from_static(b"hi"));
+    let f = c.recv();
+    assert!(matches!(f.header, Header::UplinkAck(a) if a.msg_id == 1 && a.code == 0));
+    assert_eq!(f.body, Bytes::from_static(b"stored: hi"));
+    c.send(&tether_codec::Frame::with_body(
+        Header::RoomJoin(Box::new(pb::RoomJoin {
+            request_id: 4,
+            room_id: "lobby".into(),
+        })),
+        Bytes::from_static(b"alice"),
+    ));
+    let f = c.recv();
+    assert!(matches!(f.header, Header::RoomResult(r) if r.request_id == 4 && r.code == 0));
+    assert_eq!(f.body, Bytes::from_static(b"welcome to lobby, alice"));
 }
