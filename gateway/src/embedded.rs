@@ -27,7 +27,7 @@
 //! Rooms are open: any room id can be joined, up to `room_max_members`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -83,6 +83,12 @@ pub struct ChatUpstream {
     max_total_bytes: usize,
     room_max_members: usize,
     next_id: AtomicU64,
+    /// Sessions with a backlog (`mail.backlog.len()`, stored under the lock after every
+    /// change), so that an ack's receipts take the lock only when something waits. A pusher
+    /// that starts a backlog stores this and then tries the session once more, so an ack that
+    /// read 0 just before cannot leave the backlog waiting: either it sees the count or the
+    /// retry sees the room it made.
+    backlogged: AtomicUsize,
     /// Delivery receipts received (for tests and metrics).
     pub receipts: AtomicU64,
 }
@@ -98,6 +104,7 @@ impl ChatUpstream {
             max_total_bytes: config.offline_max_total_bytes,
             room_max_members: config.room_max_members,
             next_id: AtomicU64::new(1),
+            backlogged: AtomicUsize::new(0),
             receipts: AtomicU64::new(0),
         }
     }
@@ -191,29 +198,42 @@ impl ChatUpstream {
         }
         if q.items.is_empty() {
             mail.backlog.remove(&session.id);
+            self.count_backlogs(mail);
         }
     }
 
-    /// Delivers a new message to a session, behind anything already waiting for it: `live`
-    /// as it is pushed now (its plain body, and `gz` once compressed for every session), or,
-    /// if the session's buffer refuses it, `stored` into its backlog.
+    fn count_backlogs(&self, mail: &Mail) {
+        self.backlogged.store(mail.backlog.len(), Ordering::SeqCst);
+    }
+
+    /// Delivers a new message to a session, behind anything already waiting for it
+    /// (`waiting`: the session has a backlog): `live` as it is pushed now, or, if the
+    /// session's buffer refuses it, `stored` into its backlog.
     fn send(
         &self,
         hub: &Hub,
         mail: &mut Mail,
         session: &Session,
-        live: (&Push, Option<&Bytes>),
+        waiting: bool,
+        live: &Live<'_>,
         stored: &Stored,
     ) {
-        if !mail.backlog.contains_key(&session.id)
-            && hub.deliver(session, live.0, live.1) != Delivery::Refused(Refusal::Full)
+        if !waiting
+            && hub.deliver_at(session, live.push, live.gz, live.now)
+                != Delivery::Refused(Refusal::Full)
         {
             return;
         }
         mail.bytes += stored.body.len();
+        let started = !waiting;
         let q = mail.backlog.entry(session.id).or_default();
         q.bytes += stored.body.len();
         q.items.push_back(stored.clone());
+        if started {
+            // Counted first, then tried once more (see `backlogged`).
+            self.count_backlogs(mail);
+            self.flush(hub, mail, session);
+        }
     }
 
     fn decode(hub: &Hub, uplink: &Uplink) -> Result<ChatMessage, Outcome> {
@@ -233,6 +253,14 @@ impl ChatUpstream {
         ChatMessage::decode(body)
             .map_err(|e| Outcome::err(ErrorCode::Rejected, format!("not a ChatMessage: {e}")))
     }
+}
+
+/// A new message as it is pushed now: its plain body, its gzip body (compressed once, for
+/// every session that takes gzip), and the time, read once for all its recipients.
+struct Live<'a> {
+    push: &'a Push,
+    gz: Option<&'a Bytes>,
+    now: crate::timer::Tick,
 }
 
 fn deliver_stored(hub: &Hub, session: &Session, m: &Stored) -> Delivery {
@@ -273,6 +301,7 @@ impl Upstream for ChatUpstream {
         mail.bytes -= q.bytes - fresh.bytes;
         if !fresh.items.is_empty() {
             mail.backlog.insert(session.id, fresh);
+            self.count_backlogs(&mail);
             self.flush(hub, &mut mail, session);
         }
     }
@@ -288,6 +317,7 @@ impl Upstream for ChatUpstream {
         // user's offline queue, in order, for the next fresh session.
         let mut mail = self.mail.lock();
         let waiting = mail.backlog.remove(&session.id).unwrap_or_default();
+        self.count_backlogs(&mail);
         mail.bytes -= waiting.bytes;
         let now = hub.clock.unix_ms();
         let back = undelivered
@@ -332,7 +362,11 @@ impl Upstream for ChatUpstream {
         };
         let mut push = Push::new(CHAT_BODY_TYPE, plain);
         push.receipt = msg.server_msg_id;
-        let live = (&push, gz.as_ref());
+        let live = Live {
+            push: &push,
+            gz: gz.as_ref(),
+            now: hub.clock.now(),
+        };
         let busy = || Outcome {
             code: ErrorCode::RateLimited,
             retry_after_ms: BUSY_RETRY_AFTER_MS,
@@ -371,7 +405,8 @@ impl Upstream for ChatUpstream {
                     return reply.send(busy());
                 }
                 for s in &targets {
-                    self.send(hub, &mut mail, s, live, &stored);
+                    let waiting = mail.backlog.contains_key(&s.id);
+                    self.send(hub, &mut mail, s, waiting, &live, &stored);
                 }
             }
             Some(ChatTarget::ToRoom(room)) => {
@@ -386,20 +421,22 @@ impl Upstream for ChatUpstream {
                         continue;
                     }
                     let q = mail.backlog.get(&s.id);
-                    if q.is_some() && !self.fits(&mail, q, len) {
+                    let waiting = q.is_some();
+                    if waiting && !self.fits(&mail, q, len) {
                         // A member that cannot keep up with the room misses this message
                         // (logged); the room does not wait for it.
                         tracing::debug!(member = %s.user, "room backlog full: message skipped");
                         continue;
                     }
-                    self.send(hub, &mut mail, &s, live, &stored);
+                    self.send(hub, &mut mail, &s, waiting, &live, &stored);
                 }
             }
             None => {
                 if !self.fits(&mail, mail.backlog.get(&session.id), len) {
                     return reply.send(busy());
                 }
-                self.send(hub, &mut mail, session, live, &stored);
+                let waiting = mail.backlog.contains_key(&session.id);
+                self.send(hub, &mut mail, session, waiting, &live, &stored);
             }
         }
         drop(mail);
@@ -431,6 +468,9 @@ impl Upstream for ChatUpstream {
         self.receipts
             .fetch_add(receipts.len() as u64, Ordering::Relaxed);
         // Acks made room: send on what waits.
+        if self.backlogged.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let mut mail = self.mail.lock();
         if mail.backlog.contains_key(&session.id) {
             self.flush(hub, &mut mail, session);

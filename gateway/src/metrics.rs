@@ -39,7 +39,10 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     pub pushes_refused: Family<Labels, Counter>,
     pub undelivered: Family<Labels, Counter>,
-    pub buffered_bytes: Gauge,
+    /// Kept in `buffered`, copied into the gauge when the metrics are encoded.
+    buffered_bytes: Gauge,
+    /// Body bytes of accepted, unacked downlinks: moved on every push and ack.
+    pub buffered: Striped,
     pub sessions_ended: Family<Labels, Counter>,
     pub decode_errors: Family<Labels, Counter>,
     pub upstream_latency: Histogram,
@@ -162,12 +165,14 @@ impl Metrics {
                 "Time from forwarding an UPLINK to the upstream's answer",
                 Histogram::new(exponential_buckets(0.00001, 4.0, 12))
             ),
+            buffered: Striped::new(),
             registry: r,
         }
     }
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.buffered_bytes.set(self.buffered.sum());
         let mut s = String::new();
         encode(&mut s, &self.registry).expect("writing to a String cannot fail");
         s
@@ -175,5 +180,47 @@ impl Metrics {
 
     pub fn inc(family: &Family<Labels, Counter>, key: &'static str, value: &'static str) {
         family.get_or_create(&[(key, value)]).inc();
+    }
+}
+
+/// Stripes of a [`Striped`] counter.
+const STRIPES: usize = 16;
+
+/// A counter that every thread moves on a hot path (a push, an ack): one cache line per
+/// stripe, each thread on its own, summed when read. A single atomic here bounced its cache
+/// line between the pushing and the acking worker on every delivery (perf, W3).
+#[derive(Debug)]
+pub struct Striped {
+    stripes: Box<[crossbeam_utils::CachePadded<std::sync::atomic::AtomicI64>]>,
+}
+
+impl Striped {
+    pub fn new() -> Striped {
+        Striped {
+            stripes: (0..STRIPES).map(|_| Default::default()).collect(),
+        }
+    }
+
+    pub fn add(&self, v: i64) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+        }
+        let i = STRIPE.with(|s| *s);
+        self.stripes[i].fetch_add(v, Ordering::Relaxed);
+    }
+
+    pub fn sum(&self) -> i64 {
+        self.stripes
+            .iter()
+            .map(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl Default for Striped {
+    fn default() -> Self {
+        Striped::new()
     }
 }

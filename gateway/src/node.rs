@@ -256,7 +256,6 @@ pub struct Node {
     pub(crate) stopped_workers: AtomicU32,
     /// Requests with the upstream, by deadline (the timeout is fixed, so this is a FIFO).
     pending: Mutex<std::collections::VecDeque<(u64, std::sync::Weak<ReplyInner>)>>,
-    self_ref: OnceLock<std::sync::Weak<Node>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -290,7 +289,7 @@ impl Node {
         auth: Box<dyn Authenticator>,
         upstream: Arc<dyn Upstream>,
     ) -> Arc<Node> {
-        let node = Arc::new(Node {
+        Arc::new(Node {
             limits: config.limits(),
             session_limits: config.session_limits(),
             config,
@@ -307,17 +306,7 @@ impl Node {
             draining: AtomicBool::new(false),
             stopped_workers: AtomicU32::new(0),
             pending: Mutex::new(Default::default()),
-            self_ref: OnceLock::new(),
-        });
-        let _ = node.self_ref.set(Arc::downgrade(&node));
-        node
-    }
-
-    fn arc(&self) -> Arc<Node> {
-        self.self_ref
-            .get()
-            .and_then(|w| w.upgrade())
-            .expect("a Node lives in an Arc")
+        })
     }
 
     pub(crate) fn set_workers(&self, links: Vec<(Sender<Cmd>, mio::Waker)>) {
@@ -369,10 +358,10 @@ impl Node {
     /// Starts a drain (idempotent): the workers stop accepting, send GOAWAY to their
     /// connections over `drain_window_ms`, close what is left after `drain_linger_ms`, and
     /// stop.
-    pub fn drain(&self) {
+    pub fn drain(self: &Arc<Self>) {
         if !self.draining.swap(true, Ordering::SeqCst) {
             tracing::info!("draining");
-            self.upstream.draining(&self.arc());
+            self.upstream.draining(self);
             self.send_all(|| Cmd::Drain);
         }
     }
@@ -454,8 +443,9 @@ impl Node {
         }
     }
 
-    /// Runs `f` on a session's core under its lock, keeping the gauge of buffered bytes in
-    /// step with what `f` did to the buffer (one atomic add, only when it changed).
+    /// Runs `f` on a session's core under its lock, keeping the count of buffered bytes in
+    /// step with what `f` did to the buffer (one add to this thread's stripe, only when it
+    /// changed).
     pub(crate) fn with_core<R>(&self, s: &Session, f: impl FnOnce(&mut SessionCore) -> R) -> R {
         let mut core = s.state.lock();
         let before = core.downlink_state().1;
@@ -463,23 +453,21 @@ impl Node {
         let after = core.downlink_state().1;
         drop(core);
         if after != before {
-            self.metrics
-                .buffered_bytes
-                .inc_by(after as i64 - before as i64);
+            self.metrics.buffered.add(after as i64 - before as i64);
         }
         r
     }
 
     /// Body bytes of accepted, unacked downlinks over every live session.
     pub fn buffered_bytes(&self) -> usize {
-        self.metrics.buffered_bytes.get().max(0) as usize
+        self.metrics.buffered.sum().max(0) as usize
     }
 
     /// Binds an authenticated login on `conn` at `now` to a session: resumes the one it names
     /// if that is allowed (PROTOCOL.md §6.6), or makes a fresh one, replacing older sessions
     /// as the multi-device policy says.
     pub(crate) fn bind(
-        &self,
+        self: &Arc<Self>,
         id: Identity,
         login: &pb::Login,
         login_body: &Bytes,
@@ -493,7 +481,7 @@ impl Node {
                 Some(b) => {
                     Metrics::inc(&self.metrics.resumes, "outcome", "resumed");
                     self.upstream
-                        .session_opened(&self.arc(), &b.session, true, login_body);
+                        .session_opened(self, &b.session, true, login_body);
                     return b;
                 }
                 None => Metrics::inc(&self.metrics.resumes, "outcome", "not_resumed"),
@@ -552,7 +540,7 @@ impl Node {
             }
         }
         self.upstream
-            .session_opened(&self.arc(), &session, false, login_body);
+            .session_opened(self, &session, false, login_body);
         Bound {
             session,
             resumed: false,
@@ -561,7 +549,7 @@ impl Node {
     }
 
     fn try_resume(
-        &self,
+        self: &Arc<Self>,
         id: &Identity,
         r: &pb::Resume,
         conn: ConnRef,
@@ -590,8 +578,7 @@ impl Node {
             );
         }
         if !resumed.receipts.is_empty() {
-            self.upstream
-                .delivered(&self.arc(), &session, &resumed.receipts);
+            self.upstream.delivered(self, &session, &resumed.receipts);
         }
         Some(Bound {
             session,
@@ -608,7 +595,7 @@ impl Node {
 
     /// The grace period of the detach `epoch` is over: end the session if it is still
     /// detached since then.
-    pub(crate) fn expire(&self, session: &Arc<Session>, epoch: u32) {
+    pub(crate) fn expire(self: &Arc<Self>, session: &Arc<Session>, epoch: u32) {
         // Checked and ended under one lock: a resume between the two would be undone.
         self.end_if(session, EndReason::Expired, |core| {
             core.detached_since(epoch)
@@ -620,7 +607,7 @@ impl Node {
     /// any) kicked when `reason` is a kick or replacement. Returns what a login replacing it
     /// on the same device carries on with (`None` if it had already ended).
     pub fn end(
-        &self,
+        self: &Arc<Self>,
         session: &Arc<Session>,
         reason: EndReason,
     ) -> Option<crate::session::core::Carry> {
@@ -628,7 +615,7 @@ impl Node {
     }
 
     fn end_if(
-        &self,
+        self: &Arc<Self>,
         session: &Arc<Session>,
         reason: EndReason,
         when: impl FnOnce(&SessionCore) -> bool,
@@ -680,12 +667,12 @@ impl Node {
             }
         }
         self.upstream
-            .session_ended(&self.arc(), session, reason, &ended.undelivered);
+            .session_ended(self, session, reason, &ended.undelivered);
         Some(ended.carry)
     }
 
     /// Kicks every session of a user. Returns how many.
-    pub fn kick_user(&self, user: &str, reason: KickReason) -> usize {
+    pub fn kick_user(self: &Arc<Self>, user: &str, reason: KickReason) -> usize {
         let sessions = self.user_sessions(user);
         for s in &sessions {
             self.end(s, EndReason::Kicked(reason));
@@ -695,7 +682,7 @@ impl Node {
     }
 
     /// Ends every session (at shutdown).
-    pub(crate) fn end_all(&self) {
+    pub(crate) fn end_all(self: &Arc<Self>) {
         for s in self.all_sessions() {
             self.end(&s, EndReason::Shutdown);
         }
@@ -788,8 +775,9 @@ impl Node {
     /// Pushes a downlink to `target`: what became of it, counted over the sessions found.
     pub fn push(&self, target: &Target, push: &Push) -> PushReport {
         let gz = self.compressed(&push.body);
+        let now = self.clock.now();
         let mut report = PushReport::default();
-        let mut each = |s: &Arc<Session>| report.add(self.deliver(s, push, gz.as_ref()));
+        let mut each = |s: &Arc<Session>| report.add(self.deliver_at(s, push, gz.as_ref(), now));
         match target {
             Target::Session(id) => {
                 if let Some(s) = self.session(id) {
@@ -820,6 +808,11 @@ impl Node {
     /// Queues one downlink on one session (`gz`: its body compressed, for a session that
     /// takes gzip) and asks its worker to write it.
     pub fn deliver(&self, s: &Session, push: &Push, gz: Option<&Bytes>) -> Delivery {
+        self.deliver_at(s, push, gz, self.clock.now())
+    }
+
+    /// [`deliver`](Self::deliver) at `now` (read once by a pusher with many targets).
+    pub fn deliver_at(&self, s: &Session, push: &Push, gz: Option<&Bytes>, now: Tick) -> Delivery {
         let body = PushBody {
             body_type: push.body_type,
             plain: &push.body,
@@ -827,7 +820,6 @@ impl Node {
             receipt: push.receipt,
             transient: push.transient,
         };
-        let now = self.clock.now();
         let pushed = self.with_core(s, |core| core.push(&body, &self.session_limits, now));
         match pushed.delivery {
             Delivery::Sent | Delivery::Held if !push.transient => {
@@ -856,7 +848,11 @@ impl Node {
 
     /// An UPLINK from `session`: dedup, the rate bucket, then the upstream. The ack goes to
     /// the session's connection when the upstream answers. Returns an ack to send now, if any.
-    pub(crate) fn uplink(&self, session: &Arc<Session>, uplink: Uplink) -> Option<Frame> {
+    pub(crate) fn uplink(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        uplink: Uplink,
+    ) -> Option<Frame> {
         let now_ms = self.clock.elapsed_ms();
         let verdict =
             session
@@ -891,13 +887,13 @@ impl Node {
             }
             Verdict::Forward => {
                 self.metrics.uplinks.inc();
-                let node = self.arc();
+                let node = self.clone();
                 let s = session.clone();
                 let msg_id = uplink.msg_id;
                 let start = Instant::now();
                 let reply = Reply::new(move |o: Outcome| node.uplink_done(&s, msg_id, o, start));
                 self.watch(&reply);
-                self.upstream.uplink(&self.arc(), session, uplink, reply);
+                self.upstream.uplink(self, session, uplink, reply);
                 None
             }
         }
@@ -919,7 +915,7 @@ impl Node {
     }
 
     pub(crate) fn room_request(
-        &self,
+        self: &Arc<Self>,
         session: &Arc<Session>,
         join: bool,
         request_id: u64,
@@ -939,7 +935,7 @@ impl Node {
             };
             return Some(room_result(request_id, room, &Outcome::err(code, message)));
         }
-        let node = self.arc();
+        let node = self.clone();
         let s = session.clone();
         let room2 = room.clone();
         let reply = Reply::new(move |mut o: Outcome| {
@@ -962,21 +958,20 @@ impl Node {
         });
         self.watch(&reply);
         if join {
-            self.upstream
-                .room_join(&self.arc(), session, &room, body, reply);
+            self.upstream.room_join(self, session, &room, body, reply);
         } else {
-            self.upstream.room_leave(&self.arc(), session, &room, reply);
+            self.upstream.room_leave(self, session, &room, reply);
         }
         None
     }
 
     /// A cumulative DOWNLINK_ACK: release acked downlinks, report receipts.
-    pub(crate) fn downlink_ack(&self, session: &Arc<Session>, seq: u64) {
+    pub(crate) fn downlink_ack(self: &Arc<Self>, session: &Arc<Session>, seq: u64) {
         self.metrics.downlink_acks.inc();
         let now = self.clock.now();
         let receipts = self.with_core(session, |core| core.handle_ack(seq, now));
         if !receipts.is_empty() {
-            self.upstream.delivered(&self.arc(), session, &receipts);
+            self.upstream.delivered(self, session, &receipts);
         }
     }
 }

@@ -20,6 +20,7 @@
 //! receipts come back). A receiver that acks is therefore never closed by somebody else's
 //! burst; the slow-consumer close is for one whose buffer stays full with no ack progress.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -452,7 +453,8 @@ impl SessionCore {
 
     /// Acks up to `seq`: the receipts of what that released, and whether it released any.
     fn release(&mut self, seq: u64) -> (Vec<u64>, bool) {
-        let mut receipts = Vec::new();
+        // One allocation for the usual ack (every 32 downlinks, §6.5), not one per doubling.
+        let mut receipts = Vec::with_capacity(self.downlink.unacked().0.min(RECEIPTS_HINT));
         let mut released = false;
         self.downlink.ack(seq, |d| {
             released = true;
@@ -560,17 +562,6 @@ impl SessionCore {
         let mut frames = 0u64;
         let replay = std::mem::take(&mut self.replay);
         let accept_gzip = self.accept_gzip;
-        // A body compressed for an earlier connection that took gzip, on one that does not:
-        // inflate it (the gateway compressed it itself, within its own limits).
-        let body_for = |d: &Downlink| -> Option<(bool, Bytes)> {
-            if d.gzip && !accept_gzip {
-                tether_codec::gunzip(&d.body, limits)
-                    .ok()
-                    .map(|b| (false, Bytes::from(b)))
-            } else {
-                Some((d.gzip, d.body.clone()))
-            }
-        };
         let pending = self.downlink.after(self.sent);
         let mut sent = self.sent;
         if replay && accept_gzip && pending.len() >= replay_batch_min.max(2) {
@@ -611,7 +602,7 @@ impl SessionCore {
             }
         } else {
             for d in pending {
-                let Some((gzip, body)) = body_for(d) else {
+                let Some((gzip, body)) = body_for(d, accept_gzip, limits) else {
                     break;
                 };
                 let h = Header::Downlink(pb::Downlink {
@@ -684,6 +675,27 @@ impl SessionCore {
         }
     }
 }
+
+/// The body to write for `d` on a connection that does (not) take gzip: a body compressed for
+/// an earlier connection that took gzip is inflated for one that does not (the gateway
+/// compressed it itself, within its own limits); otherwise the shared body as it is, borrowed
+/// (no clone: its reference count is one cache line for every member of a room).
+fn body_for<'a>(
+    d: &'a Downlink,
+    accept_gzip: bool,
+    limits: &Limits,
+) -> Option<(bool, Cow<'a, [u8]>)> {
+    if d.gzip && !accept_gzip {
+        tether_codec::gunzip(&d.body, limits)
+            .ok()
+            .map(|b| (false, Cow::Owned(b)))
+    } else {
+        Some((d.gzip, Cow::Borrowed(&d.body[..])))
+    }
+}
+
+/// Receipts room reserved per ack: a client acks at least every 32 downlinks (§6.5).
+const RECEIPTS_HINT: usize = 32;
 
 /// retry_after_ms for an uplink refused because the session has a full window of uplinks
 /// with the upstream.
