@@ -461,6 +461,7 @@ async fn handle(
                     let push = Push {
                         body_type: p.body_type,
                         body,
+                        gzip: None,
                         transient: p.transient,
                         receipt: 0,
                     };
@@ -471,7 +472,7 @@ async fn handle(
                             "delivered": n.accepted(),
                             "sent": n.sent,
                             "held": n.held,
-                            "refused_full": n.full,
+                            "refused_full": n.full.len(),
                             "refused": n.refused,
                         }),
                     )

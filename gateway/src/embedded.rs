@@ -36,8 +36,10 @@ use tether_protocol::chat::{chat_message::Target as ChatTarget, ChatMessage};
 use tether_protocol::pb::ErrorCode;
 
 use crate::config::Config;
-use crate::node::{Delivery, Push, Refusal, Session, SessionId};
-use crate::upstream::{Downlink, EndReason, Hub, Outcome, Reply, SessionRef, Uplink, Upstream};
+use crate::upstream::{
+    Delivery, Downlink, EndReason, Hub, Outcome, Push, Refusal, Reply, SessionId, SessionInfo,
+    Target, Uplink, Upstream,
+};
 
 /// The body_type of `tether.chat.v1.ChatMessage`.
 pub const CHAT_BODY_TYPE: u32 = 0;
@@ -180,8 +182,8 @@ impl ChatUpstream {
     }
 
     /// Sends a session what waits for it, oldest first, until its buffer refuses.
-    fn flush(&self, hub: &Hub, mail: &mut Mail, session: &Session) {
-        let Some(q) = mail.backlog.get_mut(&session.id) else {
+    fn flush(&self, hub: &dyn Hub, mail: &mut Mail, session: &SessionId) {
+        let Some(q) = mail.backlog.get_mut(session) else {
             return;
         };
         while let Some(m) = q.items.front() {
@@ -197,7 +199,7 @@ impl ChatUpstream {
             mail.bytes -= m.body.len();
         }
         if q.items.is_empty() {
-            mail.backlog.remove(&session.id);
+            mail.backlog.remove(session);
             self.count_backlogs(mail);
         }
     }
@@ -211,22 +213,31 @@ impl ChatUpstream {
     /// session's buffer refuses it, `stored` into its backlog.
     fn send(
         &self,
-        hub: &Hub,
+        hub: &dyn Hub,
         mail: &mut Mail,
-        session: &Session,
+        session: &SessionId,
         waiting: bool,
-        live: &Live<'_>,
+        live: &Push,
         stored: &Stored,
     ) {
-        if !waiting
-            && hub.deliver_at(session, live.push, live.gz, live.now)
-                != Delivery::Refused(Refusal::Full)
-        {
+        if !waiting && hub.deliver(session, live) != Delivery::Refused(Refusal::Full) {
             return;
         }
+        self.hold(hub, mail, session, !waiting, stored);
+    }
+
+    /// Puts a message at the end of a session's backlog (`started`: the session had none, it
+    /// was refused just now).
+    fn hold(
+        &self,
+        hub: &dyn Hub,
+        mail: &mut Mail,
+        session: &SessionId,
+        started: bool,
+        stored: &Stored,
+    ) {
         mail.bytes += stored.body.len();
-        let started = !waiting;
-        let q = mail.backlog.entry(session.id).or_default();
+        let q = mail.backlog.entry(*session).or_default();
         q.bytes += stored.body.len();
         q.items.push_back(stored.clone());
         if started {
@@ -236,7 +247,7 @@ impl ChatUpstream {
         }
     }
 
-    fn decode(hub: &Hub, uplink: &Uplink) -> Result<ChatMessage, Outcome> {
+    fn decode(hub: &dyn Hub, uplink: &Uplink) -> Result<ChatMessage, Outcome> {
         if uplink.body_type != CHAT_BODY_TYPE {
             return Err(Outcome::err(
                 ErrorCode::Rejected,
@@ -244,7 +255,7 @@ impl ChatUpstream {
             ));
         }
         let body = if uplink.gzip {
-            tether_codec::gunzip(&uplink.body, &hub.limits)
+            tether_codec::gunzip(&uplink.body, hub.limits())
                 .map(Bytes::from)
                 .map_err(|e| Outcome::err(ErrorCode::Rejected, format!("body: {e}")))?
         } else {
@@ -255,42 +266,38 @@ impl ChatUpstream {
     }
 }
 
-/// A new message as it is pushed now: its plain body, its gzip body (compressed once, for
-/// every session that takes gzip), and the time, read once for all its recipients.
-struct Live<'a> {
-    push: &'a Push,
-    gz: Option<&'a Bytes>,
-    now: crate::timer::Tick,
-}
-
-fn deliver_stored(hub: &Hub, session: &Session, m: &Stored) -> Delivery {
-    let (plain, gz) = if m.gzip {
+fn deliver_stored(hub: &dyn Hub, session: &SessionId, m: &Stored) -> Delivery {
+    let push = if m.gzip {
         // Kept compressed; a session that does not take gzip gets it inflated (the gateway
         // compressed it itself, within its limits).
-        match tether_codec::gunzip(&m.body, &hub.limits) {
-            Ok(p) => (Bytes::from(p), Some(m.body.clone())),
+        match tether_codec::gunzip(&m.body, hub.limits()) {
+            Ok(p) => Push {
+                gzip: Some(m.body.clone()),
+                ..Push::new(CHAT_BODY_TYPE, p)
+            },
             Err(_) => return Delivery::Refused(Refusal::TooLarge),
         }
     } else {
-        (m.body.clone(), None)
+        Push::new(CHAT_BODY_TYPE, m.body.clone())
     };
-    let mut push = Push::new(CHAT_BODY_TYPE, plain);
-    push.receipt = m.id;
-    hub.deliver(session, &push, gz.as_ref())
+    hub.deliver(
+        session,
+        &Push {
+            receipt: m.id,
+            ..push
+        },
+    )
 }
 
 impl Upstream for ChatUpstream {
-    fn session_opened(&self, hub: &Hub, session: &SessionRef, resumed: bool, _login_body: &Bytes) {
-        if resumed {
-            return;
-        }
+    fn session_opened(&self, hub: &dyn Hub, session: &SessionInfo, _login_body: &Bytes) {
         let mut mail = self.mail.lock();
         let Some(q) = mail.offline.remove(&*session.user) else {
             return;
         };
         // Handed to the session as a backlog: sent as fast as its acks make room, never
         // dumped past its buffer.
-        let now = hub.clock.unix_ms();
+        let now = hub.unix_ms();
         let mut fresh = Queue::default();
         for m in q.items {
             if m.at_ms.saturating_add(self.max_age_ms) > now {
@@ -302,14 +309,14 @@ impl Upstream for ChatUpstream {
         if !fresh.items.is_empty() {
             mail.backlog.insert(session.id, fresh);
             self.count_backlogs(&mail);
-            self.flush(hub, &mut mail, session);
+            self.flush(hub, &mut mail, &session.id);
         }
     }
 
     fn session_ended(
         &self,
-        hub: &Hub,
-        session: &SessionRef,
+        hub: &dyn Hub,
+        session: &SessionInfo,
         _reason: EndReason,
         undelivered: &[Downlink],
     ) {
@@ -319,7 +326,7 @@ impl Upstream for ChatUpstream {
         let waiting = mail.backlog.remove(&session.id).unwrap_or_default();
         self.count_backlogs(&mail);
         mail.bytes -= waiting.bytes;
-        let now = hub.clock.unix_ms();
+        let now = hub.unix_ms();
         let back = undelivered
             .iter()
             .filter(|d| d.body_type == CHAT_BODY_TYPE)
@@ -337,12 +344,12 @@ impl Upstream for ChatUpstream {
         }
     }
 
-    fn uplink(&self, hub: &Hub, session: &SessionRef, uplink: Uplink, reply: Reply) {
+    fn uplink(&self, hub: &dyn Hub, session: &SessionInfo, uplink: Uplink, reply: Reply) {
         let mut msg = match Self::decode(hub, &uplink) {
             Ok(m) => m,
             Err(o) => return reply.send(o),
         };
-        let now = hub.clock.unix_ms();
+        let now = hub.unix_ms();
         msg.sender = session.user.to_string();
         msg.server_msg_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         msg.sent_at_ms = now;
@@ -360,12 +367,11 @@ impl Upstream for ChatUpstream {
             gzip: gz.is_some(),
             body: gz.clone().unwrap_or_else(|| plain.clone()),
         };
-        let mut push = Push::new(CHAT_BODY_TYPE, plain);
-        push.receipt = msg.server_msg_id;
-        let live = Live {
-            push: &push,
-            gz: gz.as_ref(),
-            now: hub.clock.now(),
+        // Compressed once, for every recipient that takes gzip.
+        let push = Push {
+            gzip: gz,
+            receipt: msg.server_msg_id,
+            ..Push::new(CHAT_BODY_TYPE, plain)
         };
         let busy = || Outcome {
             code: ErrorCode::RateLimited,
@@ -380,7 +386,8 @@ impl Upstream for ChatUpstream {
                 if user.is_empty() {
                     return reply.send(Outcome::err(ErrorCode::Rejected, "empty to_user"));
                 }
-                let mut targets = hub.user_sessions(&user);
+                let mut targets: Vec<SessionId> =
+                    hub.user_sessions(&user).iter().map(|s| s.id).collect();
                 if targets.is_empty() && !self.enqueue_offline(&mut mail, &user, stored.clone()) {
                     return reply.send(Outcome::err(
                         ErrorCode::Rejected,
@@ -391,44 +398,63 @@ impl Upstream for ChatUpstream {
                     // The sender's other devices see what was sent.
                     targets.extend(
                         hub.user_sessions(&session.user)
-                            .into_iter()
-                            .filter(|s| s.id != session.id),
+                            .iter()
+                            .map(|s| s.id)
+                            .filter(|id| *id != session.id),
                     );
                 }
                 // Every target takes it or none does: refused to the sender (retriable)
                 // rather than delivered to some devices and lost for others.
-                let room_for_all = targets.iter().all(|s| match mail.backlog.get(&s.id) {
-                    None => hub.has_room(s, len) || self.fits(&mail, None, len),
+                let room_for_all = targets.iter().all(|id| match mail.backlog.get(id) {
+                    None => hub.has_room(id, len) || self.fits(&mail, None, len),
                     q => self.fits(&mail, q, len),
                 });
                 if !room_for_all {
                     return reply.send(busy());
                 }
-                for s in &targets {
-                    let waiting = mail.backlog.contains_key(&s.id);
-                    self.send(hub, &mut mail, s, waiting, &live, &stored);
+                for id in &targets {
+                    let waiting = mail.backlog.contains_key(id);
+                    self.send(hub, &mut mail, id, waiting, &push, &stored);
                 }
             }
             Some(ChatTarget::ToRoom(room)) => {
-                if !session.in_room(&room) {
+                if !hub.in_room(&session.id, &room) {
                     return reply.send(Outcome::err(
                         ErrorCode::Rejected,
                         "not a member of the room",
                     ));
                 }
-                for s in hub.room_members(&room) {
-                    if s.id == session.id {
-                        continue;
-                    }
-                    let q = mail.backlog.get(&s.id);
-                    let waiting = q.is_some();
-                    if waiting && !self.fits(&mail, q, len) {
+                // The gateway fans out; members with a backlog are left out of the push
+                // (the message joins their backlog, behind what waits), and members whose
+                // buffer refused it start one.
+                let mut behind = Vec::new();
+                let me = session.id;
+                let report = {
+                    let mail = &mail;
+                    hub.push_except(&Target::Room(room), &push, &mut |id| {
+                        if *id == me {
+                            return true;
+                        }
+                        let waiting = !mail.backlog.is_empty() && mail.backlog.contains_key(id);
+                        if waiting {
+                            behind.push(*id);
+                        }
+                        waiting
+                    })
+                };
+                for id in &behind {
+                    if !self.fits(&mail, mail.backlog.get(id), len) {
                         // A member that cannot keep up with the room misses this message
                         // (logged); the room does not wait for it.
-                        tracing::debug!(member = %s.user, "room backlog full: message skipped");
+                        tracing::debug!("room backlog full: message skipped");
                         continue;
                     }
-                    self.send(hub, &mut mail, &s, waiting, &live, &stored);
+                    self.hold(hub, &mut mail, id, false, &stored);
+                }
+                for id in &report.full {
+                    if self.fits(&mail, None, len) {
+                        self.hold(hub, &mut mail, id, true, &stored);
+                    }
                 }
             }
             None => {
@@ -436,18 +462,25 @@ impl Upstream for ChatUpstream {
                     return reply.send(busy());
                 }
                 let waiting = mail.backlog.contains_key(&session.id);
-                self.send(hub, &mut mail, session, waiting, &live, &stored);
+                self.send(hub, &mut mail, &session.id, waiting, &push, &stored);
             }
         }
         drop(mail);
         reply.ok();
     }
 
-    fn room_join(&self, hub: &Hub, session: &SessionRef, room: &str, _body: Bytes, reply: Reply) {
+    fn room_join(
+        &self,
+        hub: &dyn Hub,
+        session: &SessionInfo,
+        room: &str,
+        _body: Bytes,
+        reply: Reply,
+    ) {
         if room.is_empty() {
             return reply.send(Outcome::err(ErrorCode::RoomNotFound, "empty room id"));
         }
-        if session.in_room(room) {
+        if hub.in_room(&session.id, room) {
             return reply.ok();
         }
         if hub.room_size(room) >= self.room_max_members {
@@ -456,15 +489,15 @@ impl Upstream for ChatUpstream {
         reply.ok()
     }
 
-    fn room_leave(&self, _hub: &Hub, session: &SessionRef, room: &str, reply: Reply) {
-        if session.in_room(room) {
+    fn room_leave(&self, hub: &dyn Hub, session: &SessionInfo, room: &str, reply: Reply) {
+        if hub.in_room(&session.id, room) {
             reply.ok()
         } else {
             reply.send(Outcome::err(ErrorCode::RoomNotFound, "not a member"))
         }
     }
 
-    fn delivered(&self, hub: &Hub, session: &SessionRef, receipts: &[u64]) {
+    fn delivered(&self, hub: &dyn Hub, session: &SessionInfo, receipts: &[u64]) {
         self.receipts
             .fetch_add(receipts.len() as u64, Ordering::Relaxed);
         // Acks made room: send on what waits.
@@ -473,7 +506,7 @@ impl Upstream for ChatUpstream {
         }
         let mut mail = self.mail.lock();
         if mail.backlog.contains_key(&session.id) {
-            self.flush(hub, &mut mail, session);
+            self.flush(hub, &mut mail, &session.id);
         }
     }
 }

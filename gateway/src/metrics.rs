@@ -46,6 +46,7 @@ pub struct Metrics {
     pub sessions_ended: Family<Labels, Counter>,
     pub decode_errors: Family<Labels, Counter>,
     pub upstream_latency: Histogram,
+    pub upstream_panics: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -164,6 +165,11 @@ impl Metrics {
                 "upstream_latency_seconds",
                 "Time from forwarding an UPLINK to the upstream's answer",
                 Histogram::new(exponential_buckets(0.00001, 4.0, 12))
+            ),
+            upstream_panics: reg!(
+                "upstream_panics",
+                "Panics caught in calls to the upstream, by call",
+                Family::default()
             ),
             buffered: Striped::new(),
             registry: r,

@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -26,16 +28,16 @@ use crate::metrics::Metrics;
 pub use crate::session::core::{ConnRef, Delivery, Link, Refusal};
 use crate::session::core::{PushBody, SessionCore, SessionLimits, Verdict};
 use crate::timer::Tick;
-use crate::upstream::{EndReason, Outcome, Reply, ReplyInner, Uplink, Upstream};
-
-/// 128 random bits (PROTOCOL.md §4.2).
-pub type SessionId = [u8; 16];
+use crate::upstream::{
+    EndReason, Hub, LoginRequest, Outcome, Reply, ReplyInner, SessionInfo, Uplink, Upstream,
+};
+pub use crate::upstream::{Push, PushReport, SessionId, Target};
 
 const SHARDS: usize = 64;
 
 /// What a worker is asked to do.
 #[derive(Debug)]
-pub enum Cmd {
+pub(crate) enum Cmd {
     /// The session attached to this connection has downlinks to write.
     Flush(ConnRef),
     /// Write this frame (an UPLINK_ACK or ROOM_RESULT that came back from the upstream).
@@ -50,6 +52,8 @@ pub enum Cmd {
     Stop,
     /// Look at the clock (a manual clock moved).
     Tick,
+    /// The upstream answered a login after its `login` call had returned.
+    LoginVerdict(Box<crate::worker::PendingLogin>, Outcome),
 }
 
 struct WorkerLink {
@@ -65,7 +69,7 @@ struct WorkerLink {
 pub struct Session {
     pub id: SessionId,
     pub user: Arc<str>,
-    pub device: Box<str>,
+    pub device: Arc<str>,
     /// The platform class of the login that made it (for the `per-platform-class` policy,
     /// read under a registry shard lock, where a session lock must not be taken).
     class: u8,
@@ -113,67 +117,16 @@ impl Session {
     pub fn downlink_state(&self) -> (usize, usize, u64) {
         self.state.lock().downlink_state()
     }
-}
 
-/// Who a push goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Session(SessionId),
-    User(String),
-    Users(Vec<String>),
-    Room(String),
-    All,
-}
-
-/// A downlink to push.
-#[derive(Debug, Clone)]
-pub struct Push {
-    pub body_type: u32,
-    /// The plain body; the gateway compresses it (once) for clients that take gzip.
-    pub body: Bytes,
-    /// Seq 0: not buffered, not acked, only to attached sessions (typing, presence).
-    pub transient: bool,
-    /// Non-zero: reported back to the upstream when the client acks it.
-    pub receipt: u64,
-}
-
-impl Push {
-    pub fn new(body_type: u32, body: impl Into<Bytes>) -> Push {
-        Push {
-            body_type,
-            body: body.into(),
-            transient: false,
-            receipt: 0,
-        }
-    }
-}
-
-/// What became of a push, counted over the sessions it reached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PushReport {
-    /// Queued to attached connections.
-    pub sent: usize,
-    /// Held for the resume of detached sessions.
-    pub held: usize,
-    /// Refused by sessions whose buffer is full (retriable once they ack).
-    pub full: usize,
-    /// Refused for another reason (too large, a transient push to a detached session).
-    pub refused: usize,
-}
-
-impl PushReport {
-    /// Sessions that took it (sent or held).
-    pub fn accepted(&self) -> usize {
-        self.sent + self.held
-    }
-
-    fn add(&mut self, d: Delivery) {
-        match d {
-            Delivery::Sent => self.sent += 1,
-            Delivery::Held => self.held += 1,
-            Delivery::Refused(Refusal::Full) => self.full += 1,
-            Delivery::Refused(Refusal::Ended) => {}
-            Delivery::Refused(_) => self.refused += 1,
+    /// The session as a back end sees it, with `core` its state (under its lock).
+    pub(crate) fn info(&self, core: &SessionCore, peer: Option<SocketAddr>) -> SessionInfo {
+        SessionInfo {
+            id: self.id,
+            user: self.user.clone(),
+            device: self.device.clone(),
+            platform: core.platform(),
+            peer,
+            attached: core.is_attached(),
         }
     }
 }
@@ -351,6 +304,17 @@ impl Node {
         &self.upstream
     }
 
+    /// Calls the upstream with this node as its hub. A panic in the upstream stops at this
+    /// call (logged and counted; a reply it held answers `INTERNAL` as it is dropped): it
+    /// never unwinds a worker, whose sessions would stay attached forever.
+    fn up(&self, what: &'static str, f: impl FnOnce(&dyn Upstream, &dyn Hub)) {
+        let call = AssertUnwindSafe(|| f(&*self.upstream, self));
+        if std::panic::catch_unwind(call).is_err() {
+            Metrics::inc(&self.metrics.upstream_panics, "call", what);
+            tracing::error!("the upstream panicked in {what}; the gateway carries on");
+        }
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
@@ -361,7 +325,7 @@ impl Node {
     pub fn drain(self: &Arc<Self>) {
         if !self.draining.swap(true, Ordering::SeqCst) {
             tracing::info!("draining");
-            self.upstream.draining(self);
+            self.up("draining", |u, hub| u.draining(hub));
             self.send_all(|| Cmd::Drain);
         }
     }
@@ -467,11 +431,12 @@ impl Node {
     /// if that is allowed (PROTOCOL.md §6.6), or makes a fresh one, replacing older sessions
     /// as the multi-device policy says.
     pub(crate) fn bind(
-        self: &Arc<Self>,
+        &self,
         id: Identity,
         login: &pb::Login,
         login_body: &Bytes,
         conn: ConnRef,
+        peer: Option<SocketAddr>,
         now: Tick,
     ) -> Bound {
         let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
@@ -480,8 +445,10 @@ impl Node {
             match self.try_resume(&id, r, conn, accept_gzip, platform, now) {
                 Some(b) => {
                     Metrics::inc(&self.metrics.resumes, "outcome", "resumed");
-                    self.upstream
-                        .session_opened(self, &b.session, true, login_body);
+                    let info = b.session.info(&b.session.state.lock(), peer);
+                    self.up("session_attached", |u, hub| {
+                        u.session_attached(hub, &info, login_body)
+                    });
                     return b;
                 }
                 None => Metrics::inc(&self.metrics.resumes, "outcome", "not_resumed"),
@@ -490,7 +457,7 @@ impl Node {
         let session = Arc::new(Session {
             id: random_id(),
             user: Arc::from(id.user_id.as_str()),
-            device: id.device_id.into_boxed_str(),
+            device: Arc::from(id.device_id.as_str()),
             class: platform_class(platform),
             state: Mutex::new(SessionCore::new(conn, accept_gzip, platform, now)),
         });
@@ -539,8 +506,10 @@ impl Node {
                 session.state.lock().inherit(carry);
             }
         }
-        self.upstream
-            .session_opened(self, &session, false, login_body);
+        let info = session.info(&session.state.lock(), peer);
+        self.up("session_opened", |u, hub| {
+            u.session_opened(hub, &info, login_body)
+        });
         Bound {
             session,
             resumed: false,
@@ -549,7 +518,7 @@ impl Node {
     }
 
     fn try_resume(
-        self: &Arc<Self>,
+        &self,
         id: &Identity,
         r: &pb::Resume,
         conn: ConnRef,
@@ -562,8 +531,9 @@ impl Node {
         if *session.user != *id.user_id || *session.device != *id.device_id {
             return None;
         }
-        let resumed = self.with_core(&session, |core| {
-            core.resume(conn, r.last_seq, accept_gzip, platform, now)
+        let (resumed, info) = self.with_core(&session, |core| {
+            let r = core.resume(conn, r.last_seq, accept_gzip, platform, now)?;
+            Some((r, session.info(core, None)))
         })?;
         if let Some(old) = resumed.replaced {
             // The client came back before we noticed it had gone, or another instance holds
@@ -578,7 +548,9 @@ impl Node {
             );
         }
         if !resumed.receipts.is_empty() {
-            self.upstream.delivered(self, &session, &resumed.receipts);
+            self.up("delivered", |u, hub| {
+                u.delivered(hub, &info, &resumed.receipts)
+            });
         }
         Some(Bound {
             session,
@@ -590,12 +562,18 @@ impl Node {
     /// The connection `conn` of `session` is gone: the session waits for a resume. Returns
     /// the detach epoch to expire it by, or `None` if the session had moved on.
     pub(crate) fn detach(&self, session: &Session, conn: ConnRef) -> Option<u32> {
-        session.state.lock().detach(conn)
+        let (epoch, info) = {
+            let mut core = session.state.lock();
+            let epoch = core.detach(conn)?;
+            (epoch, session.info(&core, None))
+        };
+        self.up("session_detached", |u, hub| u.session_detached(hub, &info));
+        Some(epoch)
     }
 
     /// The grace period of the detach `epoch` is over: end the session if it is still
     /// detached since then.
-    pub(crate) fn expire(self: &Arc<Self>, session: &Arc<Session>, epoch: u32) {
+    pub(crate) fn expire(&self, session: &Arc<Session>, epoch: u32) {
         // Checked and ended under one lock: a resume between the two would be undone.
         self.end_if(session, EndReason::Expired, |core| {
             core.detached_since(epoch)
@@ -607,7 +585,7 @@ impl Node {
     /// any) kicked when `reason` is a kick or replacement. Returns what a login replacing it
     /// on the same device carries on with (`None` if it had already ended).
     pub fn end(
-        self: &Arc<Self>,
+        &self,
         session: &Arc<Session>,
         reason: EndReason,
     ) -> Option<crate::session::core::Carry> {
@@ -615,12 +593,18 @@ impl Node {
     }
 
     fn end_if(
-        self: &Arc<Self>,
+        &self,
         session: &Arc<Session>,
         reason: EndReason,
         when: impl FnOnce(&SessionCore) -> bool,
     ) -> Option<crate::session::core::Carry> {
-        let ended = self.with_core(session, |core| if when(core) { core.end() } else { None })?;
+        let (ended, info) = self.with_core(session, |core| {
+            if !when(core) {
+                return None;
+            }
+            let ended = core.end()?;
+            Some((ended, session.info(core, None)))
+        })?;
         {
             let h = self.sessions.hash(&session.id);
             let mut sessions = self.sessions.shard(h).lock();
@@ -666,23 +650,47 @@ impl Node {
                 }
             }
         }
-        self.upstream
-            .session_ended(self, session, reason, &ended.undelivered);
+        self.up("session_ended", |u, hub| {
+            u.session_ended(hub, &info, reason, &ended.undelivered)
+        });
         Some(ended.carry)
     }
 
     /// Kicks every session of a user. Returns how many.
-    pub fn kick_user(self: &Arc<Self>, user: &str, reason: KickReason) -> usize {
-        let sessions = self.user_sessions(user);
-        for s in &sessions {
-            self.end(s, EndReason::Kicked(reason));
+    pub fn kick_user(&self, user: &str, reason: KickReason) -> usize {
+        self.kick_sessions(&Target::User(user.into()), reason)
+    }
+
+    /// Ends every session `target` names with a KICK of `reason`. Returns how many.
+    pub fn kick_sessions(&self, target: &Target, reason: KickReason) -> usize {
+        let mut n = 0;
+        self.each_target(target, |s| {
+            if self.end(s, EndReason::Kicked(reason)).is_some() {
+                n += 1;
+            }
+        });
+        n
+    }
+
+    /// Runs `f` on every live session `target` names.
+    fn each_target(&self, target: &Target, mut f: impl FnMut(&Arc<Session>)) {
+        match target {
+            Target::Session(id) => {
+                if let Some(s) = self.session(id) {
+                    f(&s)
+                }
+            }
+            Target::User(u) => self.user_sessions(u).iter().for_each(f),
+            Target::Users(us) => us
+                .iter()
+                .for_each(|u| self.user_sessions(u).iter().for_each(&mut f)),
+            Target::Room(r) => self.room_members(r).iter().for_each(f),
+            Target::All => self.all_sessions().iter().for_each(f),
         }
-        Metrics::inc(&self.metrics.kicks, "reason", "admin");
-        sessions.len()
     }
 
     /// Ends every session (at shutdown).
-    pub(crate) fn end_all(self: &Arc<Self>) {
+    pub(crate) fn end_all(&self) {
         for s in self.all_sessions() {
             self.end(&s, EndReason::Shutdown);
         }
@@ -774,23 +782,27 @@ impl Node {
 
     /// Pushes a downlink to `target`: what became of it, counted over the sessions found.
     pub fn push(&self, target: &Target, push: &Push) -> PushReport {
-        let gz = self.compressed(&push.body);
+        self.push_except(target, push, &mut |_| false)
+    }
+
+    /// [`push`](Self::push), leaving out the sessions `skip` says to.
+    pub fn push_except(
+        &self,
+        target: &Target,
+        push: &Push,
+        skip: &mut dyn FnMut(&SessionId) -> bool,
+    ) -> PushReport {
+        let gz = match &push.gzip {
+            Some(gz) => Some(gz.clone()),
+            None => self.compressed(&push.body),
+        };
         let now = self.clock.now();
         let mut report = PushReport::default();
-        let mut each = |s: &Arc<Session>| report.add(self.deliver_at(s, push, gz.as_ref(), now));
-        match target {
-            Target::Session(id) => {
-                if let Some(s) = self.session(id) {
-                    each(&s)
-                }
+        self.each_target(target, |s| {
+            if !skip(&s.id) {
+                report.add(&s.id, self.deliver_at(s, push, gz.as_ref(), now))
             }
-            Target::User(u) => self.user_sessions(u).iter().for_each(each),
-            Target::Users(us) => us
-                .iter()
-                .for_each(|u| self.user_sessions(u).iter().for_each(&mut each)),
-            Target::Room(r) => self.room_members(r).iter().for_each(each),
-            Target::All => self.all_sessions().iter().for_each(each),
-        }
+        });
         report
     }
 
@@ -854,11 +866,12 @@ impl Node {
         uplink: Uplink,
     ) -> Option<Frame> {
         let now_ms = self.clock.elapsed_ms();
-        let verdict =
-            session
-                .state
-                .lock()
-                .handle_uplink(uplink.msg_id, now_ms, &self.session_limits);
+        let (verdict, info) = {
+            let mut core = session.state.lock();
+            let v = core.handle_uplink(uplink.msg_id, now_ms, &self.session_limits);
+            let info = matches!(v, Verdict::Forward).then(|| session.info(&core, None));
+            (v, info)
+        };
         match verdict {
             Verdict::Wait => {
                 self.metrics.uplink_duplicates.inc();
@@ -893,7 +906,8 @@ impl Node {
                 let start = Instant::now();
                 let reply = Reply::new(move |o: Outcome| node.uplink_done(&s, msg_id, o, start));
                 self.watch(&reply);
-                self.upstream.uplink(self, session, uplink, reply);
+                let info = info.expect("described when forwarded");
+                self.up("uplink", |u, hub| u.uplink(hub, &info, uplink, reply));
                 None
             }
         }
@@ -923,11 +937,11 @@ impl Node {
         body: Bytes,
     ) -> Option<Frame> {
         let now_ms = self.clock.elapsed_ms();
-        let checked =
-            session
-                .state
-                .lock()
-                .handle_room_request(join, &room, now_ms, &self.session_limits);
+        let (checked, info) = {
+            let mut core = session.state.lock();
+            let c = core.handle_room_request(join, &room, now_ms, &self.session_limits);
+            (c, session.info(&core, None))
+        };
         if let Err((code, _retry)) = checked {
             let message = match code {
                 ErrorCode::RateLimited => "too many room requests",
@@ -958,21 +972,34 @@ impl Node {
         });
         self.watch(&reply);
         if join {
-            self.upstream.room_join(self, session, &room, body, reply);
+            self.up("room_join", |u, hub| {
+                u.room_join(hub, &info, &room, body, reply)
+            });
         } else {
-            self.upstream.room_leave(self, session, &room, reply);
+            self.up("room_leave", |u, hub| {
+                u.room_leave(hub, &info, &room, reply)
+            });
         }
         None
     }
 
     /// A cumulative DOWNLINK_ACK: release acked downlinks, report receipts.
-    pub(crate) fn downlink_ack(self: &Arc<Self>, session: &Arc<Session>, seq: u64) {
+    pub(crate) fn downlink_ack(&self, session: &Arc<Session>, seq: u64) {
         self.metrics.downlink_acks.inc();
         let now = self.clock.now();
-        let receipts = self.with_core(session, |core| core.handle_ack(seq, now));
-        if !receipts.is_empty() {
-            self.upstream.delivered(self, session, &receipts);
+        let receipted = self.with_core(session, |core| {
+            let receipts = core.handle_ack(seq, now);
+            (!receipts.is_empty()).then(|| (receipts, session.info(core, None)))
+        });
+        if let Some((receipts, info)) = receipted {
+            self.up("delivered", |u, hub| u.delivered(hub, &info, &receipts));
         }
+    }
+
+    /// Asks the upstream to admit a login (its answer, or the timeout's, goes to `reply`).
+    pub(crate) fn admit(&self, request: &LoginRequest, reply: Reply) {
+        self.watch(&reply);
+        self.up("login", |u, hub| u.login(hub, request, reply));
     }
 }
 
@@ -998,4 +1025,91 @@ pub(crate) fn uplink_ack(msg_id: u64, o: &Outcome) -> Frame {
         }),
         o.body.clone(),
     )
+}
+
+impl Hub for Node {
+    fn push_except(
+        &self,
+        target: &Target,
+        push: &Push,
+        skip: &mut dyn FnMut(&SessionId) -> bool,
+    ) -> PushReport {
+        Node::push_except(self, target, push, skip)
+    }
+
+    fn deliver(&self, session: &SessionId, push: &Push) -> Delivery {
+        let Some(s) = self.session(session) else {
+            return Delivery::Refused(Refusal::Ended);
+        };
+        let gz = match &push.gzip {
+            Some(gz) => Some(gz.clone()),
+            None => self.compressed(&push.body),
+        };
+        self.deliver_at(&s, push, gz.as_ref(), self.clock.now())
+    }
+
+    fn has_room(&self, session: &SessionId, len: usize) -> bool {
+        self.session(session)
+            .is_some_and(|s| Node::has_room(self, &s, len))
+    }
+
+    fn kick(&self, target: &Target, reason: KickReason) -> usize {
+        self.kick_sessions(target, reason)
+    }
+
+    fn room_add(&self, session: &SessionId, room: &str) -> bool {
+        self.session(session)
+            .is_some_and(|s| Node::room_add(self, room, &s))
+    }
+
+    fn room_remove(&self, session: &SessionId, room: &str) -> bool {
+        self.session(session)
+            .is_some_and(|s| Node::room_remove(self, room, &s))
+    }
+
+    fn session(&self, id: &SessionId) -> Option<SessionInfo> {
+        let s = Node::session(self, id)?;
+        let info = s.info(&s.state.lock(), None);
+        Some(info)
+    }
+
+    fn user_sessions(&self, user: &str) -> Vec<SessionInfo> {
+        Node::user_sessions(self, user)
+            .iter()
+            .map(|s| s.info(&s.state.lock(), None))
+            .collect()
+    }
+
+    fn room_members(&self, room: &str) -> Vec<SessionId> {
+        self.rooms
+            .shard(room)
+            .lock()
+            .get(room)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn room_size(&self, room: &str) -> usize {
+        Node::room_size(self, room)
+    }
+
+    fn in_room(&self, session: &SessionId, room: &str) -> bool {
+        Node::session(self, session).is_some_and(|s| s.in_room(room))
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn fits_a_frame(&self, len: usize) -> bool {
+        Node::fits_a_frame(self, len)
+    }
+
+    fn compressed(&self, body: &Bytes) -> Option<Bytes> {
+        Node::compressed(self, body)
+    }
+
+    fn unix_ms(&self) -> u64 {
+        self.clock.unix_ms()
+    }
 }

@@ -1,27 +1,179 @@
-//! The back end behind the gateway: what the gateway tells it and what it asks of the gateway.
+//! The back end behind the gateway: what the gateway tells it, and what it asks of the
+//! gateway, as plain values.
 //!
-//! The gateway calls an [`Upstream`] on its worker threads, so every method must return
-//! quickly: an upstream that needs I/O (the remote upstream of a later issue, speaking the
-//! reserved kinds 0x80-0xFF over the same frames) sends the request and answers later through
-//! the reply object it was given. Replies can be answered from any thread. A reply dropped
-//! without an answer answers `INTERNAL` itself, so a client never waits on silence.
+//! The back end never holds the gateway's objects. It is told about sessions as
+//! [`SessionInfo`] values (copies: id, user, device, platform, peer, attached), and it asks the
+//! gateway for pushes, kicks, room membership and lookups through the small [`Hub`] trait,
+//! which names sessions by id. This is the interface a back end in another process or language
+//! implements a second time (the remote upstream, PROTOCOL.md §9): every request the gateway
+//! makes of it is answered through a [`Reply`], which may come from any thread and any time
+//! later, and which the gateway answers itself when it does not come in time
+//! (`UPSTREAM_TIMEOUT`) or is dropped (`INTERNAL`). Nothing the back end does can block a
+//! worker, and a panic inside it is caught at the call (counted, logged; its reply answers
+//! `INTERNAL`), never unwinding a worker.
 //!
-//! What the back end asks of the gateway (pushes, kicks, who is online) goes through the
-//! [`Hub`] every method receives.
+//! Events, in the order a session sees them: [`Upstream::login`] (admit or refuse, later if
+//! need be), [`session_opened`](Upstream::session_opened) (fresh) or
+//! [`session_attached`](Upstream::session_attached) (resumed on a new connection), uplinks,
+//! room requests and delivery receipts, [`session_detached`](Upstream::session_detached) when
+//! its connection goes, then attached again or [`session_ended`](Upstream::session_ended) with
+//! everything it accepted and never delivered.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tether_protocol::pb::{ErrorCode, KickReason};
+use tether_codec::Limits;
+use tether_protocol::pb::{ErrorCode, KickReason, Platform};
 
-use crate::node::{Node, Session};
+pub use crate::session::core::{Delivery, Refusal};
 pub use crate::session::downlink::Downlink;
 
-/// The gateway as the upstream sees it: push, kick, look up.
-pub type Hub = Arc<Node>;
+/// 128 random bits (PROTOCOL.md §4.2).
+pub type SessionId = [u8; 16];
 
-/// A session as the upstream sees it.
-pub type SessionRef = Arc<Session>;
+/// A session as the back end sees it: values copied out of the gateway, to keep or send on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: SessionId,
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+    /// The platform of the latest login or resume.
+    pub platform: Platform,
+    /// The address of the connection that logged in or resumed: given with the events that
+    /// come with a connection ([`Upstream::login`], `session_opened`, `session_attached`),
+    /// `None` on the others (the gateway does not keep it per session; a back end that needs
+    /// it later keeps it from those events).
+    pub peer: Option<SocketAddr>,
+    /// Whether a connection is attached (false: detached, waiting for a resume).
+    pub attached: bool,
+}
+
+/// A LOGIN the authenticator accepted, for the back end to admit or refuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginRequest {
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+    pub platform: Platform,
+    pub peer: Option<SocketAddr>,
+    /// The session the client asks to resume, if it asks (the gateway decides whether it can).
+    pub resume: Option<SessionId>,
+    /// The LOGIN frame's body as the client sent it (often empty).
+    pub body: Bytes,
+}
+
+/// Who a push goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Session(SessionId),
+    User(String),
+    Users(Vec<String>),
+    Room(String),
+    All,
+}
+
+/// A downlink to push.
+#[derive(Debug, Clone)]
+pub struct Push {
+    pub body_type: u32,
+    /// The plain body; the gateway compresses it (once) for clients that take gzip.
+    pub body: Bytes,
+    /// The body already compressed (gzip), if the pusher has it: the gateway uses it for the
+    /// sessions that take gzip instead of compressing again.
+    pub gzip: Option<Bytes>,
+    /// Seq 0: not buffered, not acked, only to attached sessions (typing, presence).
+    pub transient: bool,
+    /// Non-zero: reported back to the upstream when the client acks it.
+    pub receipt: u64,
+}
+
+impl Push {
+    pub fn new(body_type: u32, body: impl Into<Bytes>) -> Push {
+        Push {
+            body_type,
+            body: body.into(),
+            gzip: None,
+            transient: false,
+            receipt: 0,
+        }
+    }
+}
+
+/// What became of a push, counted over the sessions it reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// Queued to attached connections.
+    pub sent: usize,
+    /// Held for the resume of detached sessions.
+    pub held: usize,
+    /// Refused by sessions whose buffer is full (retriable once they ack): these sessions.
+    pub full: Vec<SessionId>,
+    /// Refused for another reason (too large, a transient push to a detached session).
+    pub refused: usize,
+}
+
+impl PushReport {
+    /// Sessions that took it (sent or held).
+    pub fn accepted(&self) -> usize {
+        self.sent + self.held
+    }
+
+    pub(crate) fn add(&mut self, id: &SessionId, d: Delivery) {
+        match d {
+            Delivery::Sent => self.sent += 1,
+            Delivery::Held => self.held += 1,
+            Delivery::Refused(Refusal::Full) => self.full.push(*id),
+            Delivery::Refused(Refusal::Ended) => {}
+            Delivery::Refused(_) => self.refused += 1,
+        }
+    }
+}
+
+/// What the back end asks of the gateway. Sessions are named by id; nothing here hands out
+/// the gateway's own objects. Calls return at once (no I/O): a remote back end's client
+/// library implements the same calls as messages to the gateway.
+pub trait Hub: Send + Sync {
+    /// Pushes a downlink to every session `target` names, except those `skip` says to leave
+    /// out (asked once per session, before it is pushed to).
+    fn push_except(
+        &self,
+        target: &Target,
+        push: &Push,
+        skip: &mut dyn FnMut(&SessionId) -> bool,
+    ) -> PushReport;
+    /// Pushes a downlink to every session `target` names.
+    fn push(&self, target: &Target, push: &Push) -> PushReport {
+        self.push_except(target, push, &mut |_| false)
+    }
+    /// Pushes a downlink to one session: what became of it (`Refused(Ended)` if there is no
+    /// such session).
+    fn deliver(&self, session: &SessionId, push: &Push) -> Delivery;
+    /// Whether a session would take a downlink of `len` body bytes now (false if it has
+    /// ended); a pusher that must deliver to all of some sessions or none asks first.
+    fn has_room(&self, session: &SessionId, len: usize) -> bool;
+    /// Ends every session `target` names with a KICK of `reason`. Returns how many.
+    fn kick(&self, target: &Target, reason: KickReason) -> usize;
+    /// Puts a session in a room. False if it has ended or is in as many rooms as it may be.
+    fn room_add(&self, session: &SessionId, room: &str) -> bool;
+    /// Takes a session out of a room. False if it was not in it.
+    fn room_remove(&self, session: &SessionId, room: &str) -> bool;
+    /// A live session.
+    fn session(&self, id: &SessionId) -> Option<SessionInfo>;
+    /// The live sessions of a user.
+    fn user_sessions(&self, user: &str) -> Vec<SessionInfo>;
+    /// The sessions in a room.
+    fn room_members(&self, room: &str) -> Vec<SessionId>;
+    fn room_size(&self, room: &str) -> usize;
+    fn in_room(&self, session: &SessionId, room: &str) -> bool;
+    /// The frame limits (for inflating a client's gzip body within them).
+    fn limits(&self) -> &Limits;
+    /// Whether a DOWNLINK with a body of `len` bytes fits a frame.
+    fn fits_a_frame(&self, len: usize) -> bool;
+    /// The gzip form of a body, if it is worth compressing by the gateway's settings.
+    fn compressed(&self, body: &Bytes) -> Option<Bytes>;
+    /// The gateway's wall clock, Unix milliseconds.
+    fn unix_ms(&self) -> u64;
+}
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,30 +297,50 @@ impl Drop for Reply {
     }
 }
 
-/// The back end. Every method is called on a gateway worker thread and must not block.
+/// The back end. Every method is called on a gateway worker thread and must return quickly:
+/// what takes longer answers its [`Reply`] later, from any thread.
 pub trait Upstream: Send + Sync + 'static {
-    /// A session logged in (`resumed`: an existing one re-attached to a new connection);
-    /// `login_body` is the LOGIN frame's body as the client sent it (often empty).
-    fn session_opened(&self, hub: &Hub, session: &SessionRef, resumed: bool, login_body: &Bytes);
+    /// A LOGIN passed the authenticator: admit it (`reply.ok()`, the default) or refuse it
+    /// with a code (the client gets LOGIN_RESULT with it, and the close). The connection
+    /// waits for the answer (up to the upstream timeout, then `UPSTREAM_TIMEOUT`); the worker
+    /// does not.
+    fn login(&self, _hub: &dyn Hub, _login: &LoginRequest, reply: Reply) {
+        reply.ok()
+    }
+    /// A fresh session logged in (attached to its first connection); `login_body` is the
+    /// LOGIN frame's body as the client sent it (often empty).
+    fn session_opened(&self, hub: &dyn Hub, session: &SessionInfo, login_body: &Bytes);
+    /// An existing session resumed on a new connection (PROTOCOL.md §6.6).
+    fn session_attached(&self, _hub: &dyn Hub, _session: &SessionInfo, _login_body: &Bytes) {}
+    /// A session's connection went; it waits `resume_grace_secs` for a resume, holding what
+    /// it accepted (pushes to it are answered `held`).
+    fn session_detached(&self, _hub: &dyn Hub, _session: &SessionInfo) {}
     /// A session ended for good. `undelivered`: every downlink it had accepted and the client
     /// never acked, oldest first (their `receipt`s, bodies as pushed): the back end keeps
     /// them for the user (offline) or reports them undelivered; the gateway holds nothing of
     /// the session any more.
     fn session_ended(
         &self,
-        hub: &Hub,
-        session: &SessionRef,
+        hub: &dyn Hub,
+        session: &SessionInfo,
         reason: EndReason,
         undelivered: &[Downlink],
     );
     /// An UPLINK to accept (store) or refuse: answer `reply` once.
-    fn uplink(&self, hub: &Hub, session: &SessionRef, uplink: Uplink, reply: Reply);
+    fn uplink(&self, hub: &dyn Hub, session: &SessionInfo, uplink: Uplink, reply: Reply);
     /// ROOM_JOIN: answer OK to let the session in (the gateway then adds it), or a code.
-    fn room_join(&self, hub: &Hub, session: &SessionRef, room: &str, body: Bytes, reply: Reply);
+    fn room_join(
+        &self,
+        hub: &dyn Hub,
+        session: &SessionInfo,
+        room: &str,
+        body: Bytes,
+        reply: Reply,
+    );
     /// ROOM_LEAVE: answer OK to take the session out.
-    fn room_leave(&self, hub: &Hub, session: &SessionRef, room: &str, reply: Reply);
+    fn room_leave(&self, hub: &dyn Hub, session: &SessionInfo, room: &str, reply: Reply);
     /// The client acked downlinks pushed with these non-zero receipt ids (delivery receipts).
-    fn delivered(&self, hub: &Hub, session: &SessionRef, receipts: &[u64]);
+    fn delivered(&self, hub: &dyn Hub, session: &SessionInfo, receipts: &[u64]);
     /// The gateway is draining: it stops taking connections and will exit.
-    fn draining(&self, _hub: &Hub) {}
+    fn draining(&self, _hub: &dyn Hub) {}
 }

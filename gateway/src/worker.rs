@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,11 +24,12 @@ use slab::Slab;
 use tether_codec::{Decoder, Frame, Header};
 use tether_protocol::pb::{self, ErrorCode, KickReason, Platform};
 
+use crate::auth::Identity;
 use crate::conn::{Action, Conn, ConnConfig};
 use crate::metrics::Metrics;
 use crate::node::{Cmd, ConnRef, Node, Session};
 use crate::timer::{Tick, TimerWheel};
-use crate::upstream::Uplink;
+use crate::upstream::{LoginRequest, Outcome, Reply, Uplink};
 
 /// Bytes read from a socket per `read` call (one buffer per worker).
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -88,6 +90,28 @@ pub(crate) struct Worker {
     drain: Option<Drain>,
     stop: bool,
     last_accept_error_log: Option<Instant>,
+}
+
+/// A login the upstream has not answered yet: what binding it needs, kept out of the
+/// connection's record (which stays small) until the answer comes.
+#[derive(Debug)]
+pub(crate) struct PendingLogin {
+    conn: ConnRef,
+    id: Identity,
+    login: Box<pb::Login>,
+    body: Bytes,
+    peer: Option<SocketAddr>,
+}
+
+/// Where a login's verdict stands, between the worker that asked and whoever answers.
+enum LoginWait {
+    /// The upstream's `login` is still running on this worker.
+    Calling(Box<PendingLogin>),
+    /// Answered during the call.
+    Answered(Box<PendingLogin>, Outcome),
+    /// The call returned unanswered: the answer goes to the worker as a command.
+    Later(Box<PendingLogin>),
+    Done,
 }
 
 struct Drain {
@@ -222,7 +246,9 @@ impl Worker {
                     }
                 }
             }
-            self.commands(now);
+            // Commands are stamped like events (a login answered later starts a heartbeat
+            // deadline).
+            self.commands(at);
             self.timers(now);
             if self
                 .accept_paused_until
@@ -563,7 +589,7 @@ impl Worker {
                     continue;
                 }
                 Action::Login { login, body } => {
-                    self.login(slot, &login, &body, now);
+                    self.login(slot, login, body, now);
                     continue;
                 }
                 a => a,
@@ -621,41 +647,130 @@ impl Worker {
         }
     }
 
-    fn login(&mut self, slot: usize, login: &pb::Login, body: &Bytes, now: Tick) {
+    /// Answers a LOGIN with a failure and closes.
+    fn refuse_login(
+        &mut self,
+        slot: usize,
+        code: ErrorCode,
+        message: &str,
+        reason: &'static str,
+        retry_after_ms: u32,
+    ) {
+        let node = &self.node;
+        Metrics::inc(&node.metrics.logins, "result", reason);
+        let f = Frame::new(Header::LoginResult(Box::new(pb::LoginResult {
+            code: code as i32,
+            message: message.into(),
+            server_id: node.config.server_id.clone(),
+            server_time_ms: node.clock.unix_ms(),
+            retry_after_ms,
+            ..Default::default()
+        })));
+        self.queue(slot, &f);
+        self.close(slot, None, close_label(Some(code)));
+    }
+
+    /// A LOGIN: authenticated here, then admitted by the upstream, then bound to a session.
+    /// The upstream may answer later (a remote back end): the connection waits, the worker
+    /// goes on, and the answer comes back as [`Cmd::LoginVerdict`].
+    fn login(&mut self, slot: usize, login: Box<pb::Login>, body: Bytes, now: Tick) {
         let node = self.node.clone();
-        let fail =
-            |w: &mut Worker, code: ErrorCode, message: &str, reason: &'static str, retry: u32| {
-                Metrics::inc(&node.metrics.logins, "result", reason);
-                let f = Frame::new(Header::LoginResult(Box::new(pb::LoginResult {
-                    code: code as i32,
-                    message: message.into(),
-                    server_id: node.config.server_id.clone(),
-                    server_time_ms: node.clock.unix_ms(),
-                    retry_after_ms: retry,
-                    ..Default::default()
-                })));
-                w.queue(slot, &f);
-                w.close(slot, None, close_label(Some(code)));
-            };
         if node.is_draining() {
             let retry = node.config.drain_reconnect_delay_ms;
-            return fail(
-                self,
-                ErrorCode::Draining,
-                "this gateway is draining",
-                "draining",
-                retry,
-            );
+            let msg = "this gateway is draining";
+            return self.refuse_login(slot, ErrorCode::Draining, msg, "draining", retry);
         }
-        let id = match node.authenticate(login) {
+        let id = match node.authenticate(&login) {
             Ok(id) => id,
-            Err(e) => return fail(self, e.code, &e.message, e.reason, 0),
+            Err(e) => return self.refuse_login(slot, e.code, &e.message, e.reason, 0),
         };
-        let Some(gen) = self.conns.get(slot).map(|e| e.gen) else {
+        let Some(e) = self.conns.get(slot) else {
             return;
         };
-        let me = self.me(slot, gen);
-        let bound = node.bind(id, login, body, me, now);
+        let conn = self.me(slot, e.gen);
+        let peer = e.stream.peer_addr().ok();
+        let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
+        let request = LoginRequest {
+            user: Arc::from(id.user_id.as_str()),
+            device: Arc::from(id.device_id.as_str()),
+            platform,
+            peer,
+            resume: login
+                .resume
+                .as_ref()
+                .and_then(|r| r.session_id.as_ref().try_into().ok()),
+            body: body.clone(),
+        };
+        let pending = Box::new(PendingLogin {
+            conn,
+            id,
+            login,
+            body,
+            peer,
+        });
+        // Answered during the call (the usual, in-process case): finished right here, with
+        // no trip through the command channel. Answered later: sent to this worker.
+        let wait = Arc::new(parking_lot::Mutex::new(LoginWait::Calling(pending)));
+        let reply = {
+            let wait = wait.clone();
+            let node = node.clone();
+            let worker = self.id;
+            Reply::new(move |o: Outcome| {
+                let mut w = wait.lock();
+                match std::mem::replace(&mut *w, LoginWait::Done) {
+                    LoginWait::Calling(p) => *w = LoginWait::Answered(p, o),
+                    LoginWait::Later(p) => {
+                        drop(w);
+                        node.send(worker, Cmd::LoginVerdict(p, o));
+                    }
+                    other => *w = other,
+                }
+            })
+        };
+        node.admit(&request, reply);
+        let answered = {
+            let mut w = wait.lock();
+            match std::mem::replace(&mut *w, LoginWait::Done) {
+                LoginWait::Answered(p, o) => Some((p, o)),
+                LoginWait::Calling(p) => {
+                    *w = LoginWait::Later(p);
+                    None
+                }
+                other => {
+                    *w = other;
+                    None
+                }
+            }
+        };
+        if let Some((p, o)) = answered {
+            self.finish_login(slot, *p, o, now);
+        }
+    }
+
+    /// The upstream's verdict on a login: refused, or bound to a session and answered.
+    fn finish_login(&mut self, slot: usize, p: PendingLogin, o: Outcome, now: Tick) {
+        let node = self.node.clone();
+        if o.code != ErrorCode::Ok {
+            let reason = match o.code {
+                ErrorCode::UpstreamTimeout => "upstream_timeout",
+                ErrorCode::Internal => "upstream_failed",
+                _ => "refused",
+            };
+            return self.refuse_login(slot, o.code, &o.message, reason, o.retry_after_ms);
+        }
+        if node.is_draining() {
+            let retry = node.config.drain_reconnect_delay_ms;
+            let msg = "this gateway is draining";
+            return self.refuse_login(slot, ErrorCode::Draining, msg, "draining", retry);
+        }
+        let PendingLogin {
+            conn,
+            id,
+            login,
+            body,
+            peer,
+        } = p;
+        let bound = node.bind(id, &login, &body, conn, peer, now);
         Metrics::inc(&node.metrics.logins, "result", "ok");
         let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
         let interval = node.heartbeat_ms(platform);
@@ -984,12 +1099,16 @@ impl Worker {
                         self.close(slot, code, label);
                     }
                 }
+                Cmd::LoginVerdict(p, o) => {
+                    if let Some(slot) = self.lookup(p.conn) {
+                        self.finish_login(slot, *p, o, now);
+                    }
+                }
                 Cmd::Drain => self.start_drain(),
                 Cmd::Stop => self.stop = true,
                 Cmd::Tick => {}
             }
         }
-        let _ = now;
     }
 
     fn timers(&mut self, now: Tick) {

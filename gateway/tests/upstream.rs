@@ -12,7 +12,7 @@ use tether_codec::Header;
 use tether_gateway::clock::Clock;
 use tether_gateway::config::MultiDevice;
 use tether_gateway::upstream::{
-    Downlink, EndReason, Hub, Outcome, Reply, SessionRef, Uplink, Upstream,
+    Downlink, EndReason, Hub, LoginRequest, Outcome, Reply, SessionInfo, Uplink, Upstream,
 };
 use tether_gateway::{Gateway, Options};
 use tether_protocol::pb::{self, ErrorCode};
@@ -28,19 +28,28 @@ struct Flaky {
 }
 
 impl Upstream for Flaky {
-    fn session_opened(&self, _: &Hub, s: &SessionRef, resumed: bool, _: &Bytes) {
-        self.events
-            .lock()
-            .unwrap()
-            .push(format!("opened {} {resumed}", s.user));
+    fn login(&self, _: &dyn Hub, l: &LoginRequest, reply: Reply) {
+        let resume = if l.resume.is_some() { " resume" } else { "" };
+        assert!(l.peer.is_some_and(|p| p.ip().is_loopback()));
+        self.event(format!("login {} {}{resume}", l.user, l.device));
+        reply.ok()
     }
-    fn session_ended(&self, _: &Hub, s: &SessionRef, reason: EndReason, _: &[Downlink]) {
-        self.events
-            .lock()
-            .unwrap()
-            .push(format!("ended {} {}", s.user, reason.label()));
+    fn session_opened(&self, _: &dyn Hub, s: &SessionInfo, _: &Bytes) {
+        assert!(s.attached && s.peer.is_some());
+        self.event(format!("opened {} {}", s.user, s.device));
     }
-    fn uplink(&self, _: &Hub, _: &SessionRef, u: Uplink, reply: Reply) {
+    fn session_attached(&self, _: &dyn Hub, s: &SessionInfo, _: &Bytes) {
+        assert!(s.attached && s.peer.is_some());
+        self.event(format!("attached {}", s.user));
+    }
+    fn session_detached(&self, _: &dyn Hub, s: &SessionInfo) {
+        assert!(!s.attached);
+        self.event(format!("detached {}", s.user));
+    }
+    fn session_ended(&self, _: &dyn Hub, s: &SessionInfo, reason: EndReason, _: &[Downlink]) {
+        self.event(format!("ended {} {}", s.user, reason.label()));
+    }
+    fn uplink(&self, _: &dyn Hub, _: &SessionInfo, u: Uplink, reply: Reply) {
         self.forwarded.fetch_add(1, Ordering::SeqCst);
         if u.msg_id == 99 {
             return drop(reply);
@@ -58,14 +67,20 @@ impl Upstream for Flaky {
             })
         }
     }
-    fn room_join(&self, _: &Hub, _: &SessionRef, _: &str, _: Bytes, reply: Reply) {
+    fn room_join(&self, _: &dyn Hub, _: &SessionInfo, _: &str, _: Bytes, reply: Reply) {
         reply.send(Outcome::err(ErrorCode::RoomForbidden, "no"))
     }
-    fn room_leave(&self, _: &Hub, _: &SessionRef, _: &str, reply: Reply) {
+    fn room_leave(&self, _: &dyn Hub, _: &SessionInfo, _: &str, reply: Reply) {
         reply.ok()
     }
-    fn delivered(&self, _: &Hub, _: &SessionRef, receipts: &[u64]) {
+    fn delivered(&self, _: &dyn Hub, _: &SessionInfo, receipts: &[u64]) {
         self.receipts.lock().unwrap().extend_from_slice(receipts);
+    }
+}
+
+impl Flaky {
+    fn event(&self, e: String) {
+        self.events.lock().unwrap().push(e)
     }
 }
 
@@ -125,7 +140,7 @@ fn a_retriable_failure_lets_the_resend_through_and_a_dropped_reply_answers_inter
 }
 
 #[test]
-fn the_upstream_hears_of_sessions_opening_resuming_and_ending() {
+fn the_upstream_hears_of_logins_and_sessions_opening_detaching_attaching_and_ending() {
     let up = Arc::new(Flaky::default());
     let g = start_with(up.clone());
     let mut c = Raw::connect(g.addrs()[0]);
@@ -141,8 +156,12 @@ fn the_upstream_hears_of_sessions_opening_resuming_and_ending() {
     assert_eq!(
         *up.events.lock().unwrap(),
         [
-            "opened alice false",
-            "opened alice true",
+            "login alice phone",
+            "opened alice phone",
+            "detached alice",
+            "login alice phone resume",
+            "attached alice",
+            "detached alice",
             "ended alice expired"
         ]
     );
@@ -155,18 +174,18 @@ struct Silent {
 }
 
 impl Upstream for Silent {
-    fn session_opened(&self, _: &Hub, _: &SessionRef, _: bool, _: &Bytes) {}
-    fn session_ended(&self, _: &Hub, _: &SessionRef, _: EndReason, _: &[Downlink]) {}
-    fn uplink(&self, _: &Hub, _: &SessionRef, _: Uplink, reply: Reply) {
+    fn session_opened(&self, _: &dyn Hub, _: &SessionInfo, _: &Bytes) {}
+    fn session_ended(&self, _: &dyn Hub, _: &SessionInfo, _: EndReason, _: &[Downlink]) {}
+    fn uplink(&self, _: &dyn Hub, _: &SessionInfo, _: Uplink, reply: Reply) {
         self.held.lock().unwrap().push(reply);
     }
-    fn room_join(&self, _: &Hub, _: &SessionRef, _: &str, _: Bytes, reply: Reply) {
+    fn room_join(&self, _: &dyn Hub, _: &SessionInfo, _: &str, _: Bytes, reply: Reply) {
         self.held.lock().unwrap().push(reply);
     }
-    fn room_leave(&self, _: &Hub, _: &SessionRef, _: &str, reply: Reply) {
+    fn room_leave(&self, _: &dyn Hub, _: &SessionInfo, _: &str, reply: Reply) {
         reply.ok()
     }
-    fn delivered(&self, _: &Hub, _: &SessionRef, _: &[u64]) {}
+    fn delivered(&self, _: &dyn Hub, _: &SessionInfo, _: &[u64]) {}
 }
 
 #[test]
@@ -357,16 +376,16 @@ struct Bodies {
 }
 
 impl Upstream for Bodies {
-    fn session_opened(&self, _: &Hub, _: &SessionRef, _: bool, body: &Bytes) {
+    fn session_opened(&self, _: &dyn Hub, _: &SessionInfo, body: &Bytes) {
         self.login_bodies.lock().unwrap().push(body.clone());
     }
-    fn session_ended(&self, _: &Hub, _: &SessionRef, _: EndReason, _: &[Downlink]) {}
-    fn uplink(&self, _: &Hub, _: &SessionRef, u: Uplink, reply: Reply) {
+    fn session_ended(&self, _: &dyn Hub, _: &SessionInfo, _: EndReason, _: &[Downlink]) {}
+    fn uplink(&self, _: &dyn Hub, _: &SessionInfo, u: Uplink, reply: Reply) {
         let mut o = Outcome::ok();
         o.body = Bytes::from([&b"stored: "[..], &u.body[..]].concat());
         reply.send(o)
     }
-    fn room_join(&self, _: &Hub, _: &SessionRef, room: &str, body: Bytes, reply: Reply) {
+    fn room_join(&self, _: &dyn Hub, _: &SessionInfo, room: &str, body: Bytes, reply: Reply) {
         let mut o = Outcome::ok();
         o.body = Bytes::from(format!(
             "welcome to {room}, {}",
@@ -374,10 +393,10 @@ impl Upstream for Bodies {
         ));
         reply.send(o)
     }
-    fn room_leave(&self, _: &Hub, _: &SessionRef, _: &str, reply: Reply) {
+    fn room_leave(&self, _: &dyn Hub, _: &SessionInfo, _: &str, reply: Reply) {
         reply.ok()
     }
-    fn delivered(&self, _: &Hub, _: &SessionRef, _: &[u64]) {}
+    fn delivered(&self, _: &dyn Hub, _: &SessionInfo, _: &[u64]) {}
 }
 
 #[test]
@@ -416,4 +435,174 @@ fn bodies_travel_where_the_spec_says_login_to_the_upstream_answers_to_the_client
     let f = c.recv();
     assert!(matches!(f.header, Header::RoomResult(r) if r.request_id == 4 && r.code == 0));
     assert_eq!(f.body, Bytes::from_static(b"welcome to lobby, alice"));
+}
+
+/// Holds every login's reply for the test to answer (from its own thread, later); panics in
+/// `uplink` when the body says so.
+#[derive(Default)]
+struct Doorman {
+    logins: Mutex<Vec<(String, Reply)>>,
+    opened: AtomicUsize,
+}
+
+impl Upstream for Doorman {
+    fn login(&self, _: &dyn Hub, l: &LoginRequest, reply: Reply) {
+        self.logins
+            .lock()
+            .unwrap()
+            .push((l.user.to_string(), reply));
+    }
+    fn session_opened(&self, _: &dyn Hub, _: &SessionInfo, _: &Bytes) {
+        self.opened.fetch_add(1, Ordering::SeqCst);
+    }
+    fn session_ended(&self, _: &dyn Hub, _: &SessionInfo, _: EndReason, _: &[Downlink]) {}
+    fn uplink(&self, _: &dyn Hub, _: &SessionInfo, u: Uplink, reply: Reply) {
+        if &u.body[..] == b"panic" {
+            panic!("a back end bug");
+        }
+        reply.ok()
+    }
+    fn room_join(&self, _: &dyn Hub, _: &SessionInfo, _: &str, _: Bytes, reply: Reply) {
+        reply.ok()
+    }
+    fn room_leave(&self, _: &dyn Hub, _: &SessionInfo, _: &str, reply: Reply) {
+        reply.ok()
+    }
+    fn delivered(&self, _: &dyn Hub, _: &SessionInfo, _: &[u64]) {}
+}
+
+fn start_doorman(up: &Arc<Doorman>, workers: usize) -> Gateway {
+    let mut c = config();
+    c.workers = workers;
+    c.upstream_timeout_ms = 5_000;
+    Gateway::start(
+        c,
+        Options {
+            clock: Some(Clock::manual()),
+            upstream: Some(up.clone()),
+            ..Options::default()
+        },
+    )
+    .unwrap()
+}
+
+fn login_result(c: &mut Raw) -> Box<pb::LoginResult> {
+    match c.recv().header {
+        Header::LoginResult(r) => r,
+        h => panic!("{h:?}"),
+    }
+}
+
+#[test]
+fn a_login_the_upstream_answers_later_waits_without_holding_up_the_worker() {
+    // One worker: if it waited for the verdict, nothing else on it would move.
+    let up = Arc::new(Doorman::default());
+    let g = start_doorman(&up, 1);
+    let mut a = Raw::connect(g.addrs()[0]);
+    a.send(&login_frame("alice", "phone", None));
+    let mut b = Raw::connect(g.addrs()[0]);
+    b.send(&login_frame("bob", "phone", None));
+    let mut m = Raw::connect(g.addrs()[0]);
+    m.send(&login_frame("mallory", "phone", None));
+    eventually(|| up.logins.lock().unwrap().len() == 3);
+    assert_eq!(
+        g.node().session_count(),
+        0,
+        "nothing bound before a verdict"
+    );
+    let mut held: Vec<_> = up.logins.lock().unwrap().drain(..).collect();
+    held.sort_by(|x, y| x.0.cmp(&y.0));
+    let mut held = held.into_iter().map(|(_, r)| r);
+    let (ra, rb, rm) = (
+        held.next().unwrap(),
+        held.next().unwrap(),
+        held.next().unwrap(),
+    );
+    // Bob is admitted from another thread while alice still waits.
+    std::thread::spawn(move || rb.ok()).join().unwrap();
+    let r = login_result(&mut b);
+    assert_eq!(r.code, ErrorCode::Ok as i32);
+    b.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(matches!(b.recv().header, Header::Pong(_)));
+    // Mallory is refused with the upstream's code, message and retry.
+    rm.send(Outcome {
+        code: ErrorCode::RateLimited,
+        retry_after_ms: 700,
+        message: "slow down".into(),
+        body: Bytes::new(),
+    });
+    let r = login_result(&mut m);
+    assert_eq!(
+        (r.code, r.retry_after_ms, r.message.as_str()),
+        (ErrorCode::RateLimited as i32, 700, "slow down")
+    );
+    assert!(m.until_closed().is_empty());
+    // Alice's verdict never comes: UPSTREAM_TIMEOUT at the upstream timeout, not before (a
+    // PONG is written at the end of a turn whose timers saw the clock moved).
+    g.advance_clock(4);
+    b.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(matches!(b.recv().header, Header::Pong(_)));
+    assert_eq!(g.node().connections(), 2, "alice still waits at 4 s");
+    g.advance_clock(1);
+    // Her first frame: nothing was answered before.
+    let r = login_result(&mut a);
+    assert_eq!(r.code, ErrorCode::UpstreamTimeout as i32);
+    drop(ra);
+    assert_eq!(
+        up.opened.load(Ordering::SeqCst),
+        1,
+        "only bob has a session"
+    );
+    assert_eq!(g.node().session_count(), 1);
+}
+
+#[test]
+fn a_verdict_for_a_connection_that_has_gone_binds_nothing() {
+    let up = Arc::new(Doorman::default());
+    let g = start_doorman(&up, 1);
+    let mut a = Raw::connect(g.addrs()[0]);
+    a.send(&login_frame("alice", "phone", None));
+    eventually(|| up.logins.lock().unwrap().len() == 1);
+    drop(a);
+    eventually(|| g.node().connections() == 0);
+    let (_, r) = up.logins.lock().unwrap().pop().unwrap();
+    r.ok();
+    // A later connection works, and no session was made for the one that left.
+    let mut b = Raw::connect(g.addrs()[0]);
+    b.send(&login_frame("bob", "phone", None));
+    eventually(|| up.logins.lock().unwrap().len() == 1);
+    up.logins.lock().unwrap().pop().unwrap().1.ok();
+    assert_eq!(login_result(&mut b).code, ErrorCode::Ok as i32);
+    assert_eq!(g.node().session_count(), 1);
+    assert_eq!(up.opened.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_panic_in_the_upstream_answers_internal_and_the_worker_goes_on() {
+    // Seen: a panic inside an Upstream unwound the worker thread; its sessions stayed
+    // attached forever and shutdown never completed.
+    let up = Arc::new(Doorman::default());
+    let g = start_doorman(&up, 1);
+    let mut c = Raw::connect(g.addrs()[0]);
+    c.send(&login_frame("alice", "phone", None));
+    eventually(|| up.logins.lock().unwrap().len() == 1);
+    up.logins.lock().unwrap().pop().unwrap().1.ok();
+    assert_eq!(login_result(&mut c).code, ErrorCode::Ok as i32);
+    c.uplink(1, Bytes::from_static(b"panic"));
+    let Header::UplinkAck(a) = c.recv().header else {
+        panic!()
+    };
+    assert_eq!((a.msg_id, a.code), (1, ErrorCode::Internal as i32));
+    c.uplink(2, Bytes::from_static(b"fine"));
+    let Header::UplinkAck(a) = c.recv().header else {
+        panic!()
+    };
+    assert_eq!((a.msg_id, a.code), (2, ErrorCode::Ok as i32));
+    let metrics = g.node().metrics.encode();
+    assert!(
+        metrics.contains("tether_upstream_panics_total{call=\"uplink\"} 1"),
+        "{metrics}"
+    );
+    // Shutdown completes.
+    g.stop();
 }
