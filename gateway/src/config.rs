@@ -87,6 +87,22 @@ settings! {
     max_connections: usize = 0, "TETHER_MAX_CONNECTIONS";
     /// retry_after_ms told to connections refused as busy [default: 5000].
     busy_retry_after_ms: u32 = 5_000, "TETHER_BUSY_RETRY_AFTER_MS";
+    /// Most connections awaiting login at once (accepted, no session bound yet); past it a new connection gets ERROR SERVER_BUSY; 0: a quarter of max_connections [default: 0].
+    max_prelogin_connections: usize = 0, "TETHER_MAX_PRELOGIN_CONNECTIONS";
+    /// Most connections awaiting login at once from one source address (IPv4 address, or IPv6 /64); past it a new one gets ERROR SERVER_BUSY; 0: no limit [default: 128].
+    max_prelogin_per_ip: u32 = DEFAULT_MAX_PRELOGIN_PER_IP, "TETHER_MAX_PRELOGIN_PER_IP";
+    /// Largest frame accepted before login (the LOGIN with its body), so the most a connection awaiting login makes the gateway buffer; a larger length gets ERROR FRAME_TOO_LARGE [default: 8192].
+    max_prelogin_bytes: u32 = DEFAULT_MAX_PRELOGIN_BYTES, "TETHER_MAX_PRELOGIN_BYTES";
+    /// Bytes read from one connection in one turn of its worker's loop; the rest waits for the next turn, after the other connections have had theirs [default: 262144].
+    read_budget_bytes: usize = DEFAULT_READ_BUDGET_BYTES, "TETHER_READ_BUDGET_BYTES";
+    /// Logins one device (user and device id) may make per second on average, resumes included; past it LOGIN_RESULT RATE_LIMITED; 0: no limit [default: 1].
+    login_rate_per_device: u32 = 1, "TETHER_LOGIN_RATE_PER_DEVICE";
+    /// Logins one device may make in a burst above its rate [default: 10].
+    login_burst_per_device: u32 = 10, "TETHER_LOGIN_BURST_PER_DEVICE";
+    /// Logins one user may make per second on average, over all devices; past it LOGIN_RESULT RATE_LIMITED; 0: no limit [default: 10].
+    login_rate_per_user: u32 = 10, "TETHER_LOGIN_RATE_PER_USER";
+    /// Logins one user may make in a burst above its rate [default: 50].
+    login_burst_per_user: u32 = 50, "TETHER_LOGIN_BURST_PER_USER";
     /// Listen backlog [default: 65535].
     backlog: i32 = 65_535, "TETHER_BACKLOG";
     /// TCP keepalive idle seconds, a backstop under heartbeats; 0 disables [default: 300].
@@ -171,6 +187,15 @@ settings! {
     timer_wheel_slots: usize = crate::timer::DEFAULT_WHEEL_SLOTS, "TETHER_TIMER_WHEEL_SLOTS";
 }
 
+/// Default of `max_prelogin_per_ip`.
+pub const DEFAULT_MAX_PRELOGIN_PER_IP: u32 = 128;
+/// Default of `max_prelogin_bytes`: a LOGIN is a token of a few hundred bytes.
+pub const DEFAULT_MAX_PRELOGIN_BYTES: u32 = 8 * 1024;
+/// Smallest `max_prelogin_bytes` accepted.
+pub const MIN_PRELOGIN_BYTES: u32 = 1024;
+/// Default of `read_budget_bytes`: four reads of the worker's buffer.
+pub const DEFAULT_READ_BUDGET_BYTES: usize = 4 * crate::worker::READ_CHUNK;
+
 /// Descriptors kept back from `max_connections` when it is derived from the process's limit:
 /// listeners, epoll and eventfd per worker, the admin server's connections, log files.
 pub const FD_RESERVE: usize = 256;
@@ -247,6 +272,18 @@ impl Config {
         DownlinkLimits {
             max_frames: self.max_unacked_frames,
             max_bytes: self.max_unacked_bytes,
+        }
+    }
+
+    /// The codec's limits for frames that arrive before login: no frame past
+    /// `max_prelogin_bytes`, no body inflated past it either.
+    pub fn prelogin_limits(&self) -> Limits {
+        let full = self.limits();
+        let cap = self.max_prelogin_bytes.min(full.max_frame_len);
+        Limits {
+            max_frame_len: cap,
+            max_decompressed_len: full.max_decompressed_len.min(cap as usize),
+            ..full
         }
     }
 
@@ -333,6 +370,14 @@ impl Config {
                     self.processes
                 ));
             }
+        }
+        if self.max_prelogin_bytes < MIN_PRELOGIN_BYTES {
+            return Err(format!(
+                "max_prelogin_bytes must be at least {MIN_PRELOGIN_BYTES}"
+            ));
+        }
+        if self.read_budget_bytes == 0 {
+            return Err("read_budget_bytes must be positive".into());
         }
         if self.heartbeat_misses == 0 || self.heartbeat_mobile_ms == 0 || self.heartbeat_web_ms == 0
         {

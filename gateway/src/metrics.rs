@@ -5,7 +5,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
 /// One label; an array, so that looking a counter up allocates nothing.
@@ -45,8 +45,10 @@ pub struct Metrics {
     pub buffered: Striped,
     pub sessions_ended: Family<Labels, Counter>,
     pub decode_errors: Family<Labels, Counter>,
-    pub upstream_latency: Histogram,
+    pub upstream_latency: StripedHistogram,
     pub upstream_panics: Family<Labels, Counter>,
+    pub awaiting_login: Gauge,
+    pub prelogin_refused: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -164,11 +166,21 @@ impl Metrics {
             upstream_latency: reg!(
                 "upstream_latency_seconds",
                 "Time from forwarding an UPLINK to the upstream's answer",
-                Histogram::new(exponential_buckets(0.00001, 4.0, 12))
+                StripedHistogram::new(exponential_buckets(0.00001, 4.0, 12))
             ),
             upstream_panics: reg!(
                 "upstream_panics",
                 "Panics caught in calls to the upstream, by call",
+                Family::default()
+            ),
+            awaiting_login: reg!(
+                "connections_awaiting_login",
+                "Connections accepted and not yet logged in",
+                Gauge::default()
+            ),
+            prelogin_refused: reg!(
+                "prelogin_refused",
+                "Connections refused SERVER_BUSY at accept for the pre-login limits, by limit (total, per_ip)",
                 Family::default()
             ),
             buffered: Striped::new(),
@@ -189,8 +201,19 @@ impl Metrics {
     }
 }
 
-/// Stripes of a [`Striped`] counter.
-const STRIPES: usize = 16;
+/// Stripes of a [`Striped`] counter or histogram (and of the node's upstream deadlines).
+pub const STRIPES: usize = 16;
+
+/// This thread's stripe: threads take stripes in turn as they first ask, so the workers (the
+/// first threads to move anything) each have their own.
+pub fn stripe() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.with(|s| *s)
+}
 
 /// A counter that every thread moves on a hot path (a push, an ack): one cache line per
 /// stripe, each thread on its own, summed when read. A single atomic here bounced its cache
@@ -208,13 +231,7 @@ impl Striped {
     }
 
     pub fn add(&self, v: i64) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
-        }
-        let i = STRIPE.with(|s| *s);
-        self.stripes[i].fetch_add(v, Ordering::Relaxed);
+        self.stripes[stripe()].fetch_add(v, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn sum(&self) -> i64 {
@@ -228,5 +245,125 @@ impl Striped {
 impl Default for Striped {
     fn default() -> Self {
         Striped::new()
+    }
+}
+
+/// A histogram every worker observes on a hot path (one per uplink answered): counts in
+/// per-thread stripes of atomics, summed when encoded. prometheus-client's `Histogram` takes
+/// one mutex per observation, shared by every worker.
+/// Clones share the counts.
+#[derive(Debug, Clone)]
+pub struct StripedHistogram {
+    bounds: std::sync::Arc<[f64]>,
+    /// Per stripe: one count per bound, one for above the last, then the sum (f64 bits).
+    stripes: std::sync::Arc<[crossbeam_utils::CachePadded<Box<[AtomicU64]>>]>,
+}
+
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+
+impl StripedHistogram {
+    pub fn new(bounds: impl Iterator<Item = f64>) -> StripedHistogram {
+        let bounds: std::sync::Arc<[f64]> = bounds.collect();
+        let n = bounds.len() + 2;
+        StripedHistogram {
+            stripes: (0..STRIPES)
+                .map(|_| {
+                    crossbeam_utils::CachePadded::new((0..n).map(|_| AtomicU64::new(0)).collect())
+                })
+                .collect(),
+            bounds,
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        let s = &self.stripes[stripe()];
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
+        s[i].fetch_add(1, AtomicOrdering::Relaxed);
+        // Only this thread adds to its stripe's sum: a load and a store, no read-modify-write
+        // race with another writer (a reader may see the sum a moment behind the counts).
+        let sum = &s[self.bounds.len() + 1];
+        let now = f64::from_bits(sum.load(AtomicOrdering::Relaxed)) + v;
+        sum.store(now.to_bits(), AtomicOrdering::Relaxed);
+    }
+
+    /// (sum, count, per-bucket counts with their upper bounds; the last is +Inf).
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let n = self.bounds.len();
+        let mut buckets: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .map(|b| (b, 0))
+            .collect();
+        let mut sum = 0.0;
+        for s in self.stripes.iter() {
+            for (i, b) in buckets.iter_mut().enumerate() {
+                b.1 += s[i].load(AtomicOrdering::Relaxed);
+            }
+            sum += f64::from_bits(s[n + 1].load(AtomicOrdering::Relaxed));
+        }
+        let count = buckets.iter().map(|b| b.1).sum();
+        (sum, count, buckets)
+    }
+}
+
+impl prometheus_client::encoding::EncodeMetric for StripedHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = self.snapshot();
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_striped_histogram_sums_its_stripes_in_the_exposition() {
+        let m = Metrics::new();
+        let h = m.upstream_latency.clone();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let h = h.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        h.observe(0.000_005); // first bucket (le 1e-5)
+                        h.observe(1_000.0); // past the last bound: +Inf only
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 8000);
+        assert_eq!(buckets[0].1, 4000);
+        assert_eq!(buckets.last().unwrap().1, 4000);
+        assert!((sum - 4_000.0 * 1_000.000_005).abs() < 1e-3, "{sum}");
+        let text = m.encode();
+        assert!(
+            text.contains("tether_upstream_latency_seconds_count 8000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tether_upstream_latency_seconds_bucket{le=\"+Inf\"} 8000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tether_upstream_latency_seconds_bucket{le=\"0.00001\"} 4000"),
+            "{text}"
+        );
     }
 }

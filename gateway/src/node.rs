@@ -35,6 +35,13 @@ pub use crate::upstream::{Push, PushReport, SessionId, Target};
 
 const SHARDS: usize = 64;
 
+/// Slots counting connections awaiting login by source address (a hash of it: two addresses
+/// in one slot share its limit, which a random hasher keeps an attacker from arranging).
+const PRELOGIN_SLOTS: usize = 4096;
+
+/// Requests with the upstream by deadline (elapsed ms).
+type Pending = std::collections::VecDeque<(u64, std::sync::Weak<ReplyInner>)>;
+
 /// What a worker is asked to do.
 #[derive(Debug)]
 pub(crate) enum Cmd {
@@ -207,8 +214,16 @@ pub struct Node {
     session_count: AtomicUsize,
     draining: AtomicBool,
     pub(crate) stopped_workers: AtomicU32,
-    /// Requests with the upstream, by deadline (the timeout is fixed, so this is a FIFO).
-    pending: Mutex<std::collections::VecDeque<(u64, std::sync::Weak<ReplyInner>)>>,
+    /// Login buckets per device and per user.
+    logins: crate::session::bucket::BucketTable,
+    /// Connections awaiting login, in all and per source-address slot.
+    prelogin: AtomicUsize,
+    prelogin_by_ip: Box<[AtomicU32]>,
+    ip_hasher: std::collections::hash_map::RandomState,
+    /// Requests with the upstream, by deadline (the timeout is fixed, so each is a FIFO), in
+    /// one queue per thread stripe: a worker watches and expires its own requests, and no
+    /// lock is shared by the workers per uplink.
+    pending: Box<[crossbeam_utils::CachePadded<Mutex<Pending>>]>,
 }
 
 impl std::fmt::Debug for Node {
@@ -258,7 +273,13 @@ impl Node {
             session_count: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             stopped_workers: AtomicU32::new(0),
-            pending: Mutex::new(Default::default()),
+            logins: Default::default(),
+            prelogin: AtomicUsize::new(0),
+            prelogin_by_ip: (0..PRELOGIN_SLOTS).map(|_| AtomicU32::new(0)).collect(),
+            ip_hasher: Default::default(),
+            pending: (0..crate::metrics::STRIPES)
+                .map(|_| Default::default())
+                .collect(),
         })
     }
 
@@ -397,6 +418,77 @@ impl Node {
         login: &pb::Login,
     ) -> Result<Identity, crate::auth::AuthError> {
         self.auth.authenticate(login, self.clock.unix_ms())
+    }
+
+    /// Takes a login token for this device and this user. `Some(ms)`: refused (RATE_LIMITED),
+    /// retry after `ms`.
+    pub(crate) fn take_login(&self, id: &Identity) -> Option<u32> {
+        let now = self.clock.elapsed_ms();
+        let c = &self.config;
+        let device = (&id.user_id, &id.device_id);
+        let rate = c.login_rate_per_device;
+        self.logins
+            .take(&device, now, rate, c.login_burst_per_device)
+            .or_else(|| {
+                self.logins.take(
+                    &id.user_id,
+                    now,
+                    c.login_rate_per_user,
+                    c.login_burst_per_user,
+                )
+            })
+    }
+
+    /// A connection from `ip` starts waiting for its login: `Ok(key)` to leave with, or the
+    /// limit it would pass (`max_prelogin_connections`, `max_prelogin_per_ip`).
+    pub(crate) fn prelogin_enter(&self, ip: std::net::IpAddr) -> Result<u32, &'static str> {
+        let max = self.config.max_prelogin_connections;
+        let counted = self
+            .prelogin
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                (c < max).then_some(c + 1)
+            });
+        if counted.is_err() {
+            return Err("total");
+        }
+        // An IPv6 client has a /64 to itself at least: it is one source.
+        let group: [u8; 8] = match ip {
+            std::net::IpAddr::V4(a) => [a.octets(), [0; 4]].concat().try_into().expect("8"),
+            std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(a) => [a.octets(), [0; 4]].concat().try_into().expect("8"),
+                None => a.octets()[..8].try_into().expect("8"),
+            },
+        };
+        let key = (self.ip_hasher.hash_one(group) as usize % PRELOGIN_SLOTS) as u32;
+        let per = self.config.max_prelogin_per_ip;
+        let counted = self.prelogin_by_ip[key as usize].fetch_update(
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+            |c| (per == 0 || c < per).then_some(c + 1),
+        );
+        if counted.is_err() {
+            self.prelogin.fetch_sub(1, Ordering::SeqCst);
+            return Err("per_ip");
+        }
+        self.metrics.awaiting_login.inc();
+        Ok(key)
+    }
+
+    /// A connection that entered with `key` logged in or closed.
+    pub(crate) fn prelogin_leave(&self, key: u32) {
+        self.prelogin.fetch_sub(1, Ordering::SeqCst);
+        self.prelogin_by_ip[key as usize].fetch_sub(1, Ordering::SeqCst);
+        self.metrics.awaiting_login.dec();
+    }
+
+    /// Connections awaiting login.
+    pub fn awaiting_login(&self) -> usize {
+        self.prelogin.load(Ordering::SeqCst)
+    }
+
+    /// Login buckets that owe a token (memory follows the recent login rate).
+    pub fn login_buckets(&self) -> usize {
+        self.logins.len()
     }
 
     /// The heartbeat interval for a platform.
@@ -685,7 +777,13 @@ impl Node {
                 .iter()
                 .for_each(|u| self.user_sessions(u).iter().for_each(&mut f)),
             Target::Room(r) => self.room_members(r).iter().for_each(f),
-            Target::All => self.all_sessions().iter().for_each(f),
+            Target::All => {
+                // Shard by shard: a push to everyone never copies the whole registry.
+                for shard in self.sessions.shards.iter() {
+                    let some: Vec<Arc<Session>> = shard.lock().iter().cloned().collect();
+                    some.iter().for_each(&mut f);
+                }
+            }
         }
     }
 
@@ -741,7 +839,7 @@ impl Node {
     /// Puts a request with the upstream under the upstream timeout.
     fn watch(&self, reply: &Reply) {
         let deadline = self.clock.elapsed_ms() + self.config.upstream_timeout_ms as u64;
-        let mut p = self.pending.lock();
+        let mut p = self.pending[crate::metrics::stripe()].lock();
         // Drop answered requests from the front as we go, so the queue holds about what is
         // really pending.
         while p.front().is_some_and(|(_, w)| w.strong_count() == 0) {
@@ -750,13 +848,14 @@ impl Node {
         p.push_back((deadline, reply.watch()));
     }
 
-    /// Answers UPSTREAM_TIMEOUT for every request past its deadline (called by the workers'
-    /// timer step).
+    /// Answers UPSTREAM_TIMEOUT for every request this thread watched that is past its
+    /// deadline (called by each worker's timer step).
     pub(crate) fn expire_requests(&self) {
         let now = self.clock.elapsed_ms();
+        let pending = &self.pending[crate::metrics::stripe()];
         loop {
             let expired = {
-                let mut p = self.pending.lock();
+                let mut p = pending.lock();
                 match p.front() {
                     Some((at, _)) if *at <= now => p.pop_front(),
                     _ => None,

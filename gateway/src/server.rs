@@ -148,6 +148,9 @@ impl Gateway {
         }
         let mut config = config;
         config.max_connections = crate::config::effective_max_connections(config.max_connections);
+        if config.max_prelogin_connections == 0 {
+            config.max_prelogin_connections = (config.max_connections / 4).max(1);
+        }
         let node = Node::new(config, clock, auth, upstream);
         let mut links = Vec::new();
         let mut ready = Vec::new();

@@ -80,6 +80,13 @@ pub(crate) struct Worker {
     /// so the queue is in deadline order).
     expiring: VecDeque<(Tick, Arc<Session>, u32)>,
     decoder: Decoder,
+    /// Frames before login: no larger than `max_prelogin_bytes`.
+    prelogin_decoder: Decoder,
+    /// Connections awaiting login, by slot: their key with the node's pre-login counts.
+    prelogin: std::collections::HashMap<usize, u32>,
+    /// Connections that used up their read budget last turn, with data left: read again this
+    /// turn (edge-triggered: no new event would say so).
+    unfinished: Vec<(usize, u32)>,
     conn_config: ConnConfig,
     rbuf: BytesMut,
     scratch: Box<[u8]>,
@@ -190,6 +197,9 @@ impl Worker {
             id,
             wheel: TimerWheel::new(node.config.timer_wheel_slots, now),
             decoder: Decoder::new(node.limits),
+            prelogin_decoder: Decoder::new(node.config.prelogin_limits()),
+            prelogin: Default::default(),
+            unfinished: Vec::new(),
             conn_config: node.config.conn(),
             node,
             poll,
@@ -231,6 +241,7 @@ impl Worker {
             // deadline ever fires before its configured time (it may be up to 1 s late).
             let now = self.node.clock.now();
             let at = self.node.clock.now_ceil();
+            let unfinished = std::mem::take(&mut self.unfinished);
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {}
@@ -244,6 +255,13 @@ impl Worker {
                             self.mark_dirty(slot, 0);
                         }
                     }
+                }
+            }
+            // After every connection with an event had its turn.
+            for (slot, gen) in unfinished {
+                let again = self.unfinished.contains(&(slot, gen));
+                if !again && self.conns.get(slot).is_some_and(|e| e.gen == gen) {
+                    self.on_readable(slot, at, false);
                 }
             }
             // Commands are stamped like events (a login answered later starts a heartbeat
@@ -271,7 +289,7 @@ impl Worker {
         if self.drain.is_some() {
             min(Duration::from_millis(20));
         }
-        if !self.dirty.is_empty() {
+        if !self.dirty.is_empty() || !self.unfinished.is_empty() {
             min(Duration::ZERO);
         }
         if !self.node.clock.is_manual() {
@@ -304,10 +322,10 @@ impl Worker {
                 return;
             };
             match l.sock.accept() {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     self.accept_backoff = Duration::from_millis(10);
                     let tls = l.tls.clone();
-                    self.admit(stream, tls, now);
+                    self.admit(stream, peer, tls, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -342,9 +360,29 @@ impl Worker {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, now: Tick) {
+    fn admit(
+        &mut self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        now: Tick,
+    ) {
         let node = &self.node;
         let max = node.config.max_connections;
+        let busy = |stream: &mut TcpStream, message: &str| {
+            node.metrics.refused_busy.inc();
+            if tls.is_none() {
+                // A fresh socket's send buffer is empty: this small write does not block.
+                let f = error_frame(
+                    ErrorCode::ServerBusy,
+                    message,
+                    node.config.busy_retry_after_ms,
+                );
+                if let Ok(b) = f.to_bytes(&node.limits) {
+                    let _ = stream.write(&b);
+                }
+            }
+        };
         let admitted = node
             .connections
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
@@ -352,20 +390,25 @@ impl Worker {
             })
             .is_ok();
         if !admitted {
-            node.metrics.refused_busy.inc();
-            if tls.is_none() {
-                // A fresh socket's send buffer is empty: this small write does not block.
-                let f = error_frame(
-                    ErrorCode::ServerBusy,
-                    "connection limit reached",
-                    node.config.busy_retry_after_ms,
-                );
-                if let Ok(b) = f.to_bytes(&node.limits) {
-                    let _ = stream.write(&b);
-                }
-            }
-            return;
+            return busy(&mut stream, "connection limit reached");
         }
+        let key = match node.prelogin_enter(peer.ip()) {
+            Ok(key) => key,
+            Err(limit) => {
+                node.connections.fetch_sub(1, Ordering::SeqCst);
+                Metrics::inc(&node.metrics.prelogin_refused, "limit", limit);
+                let message = match limit {
+                    "per_ip" => "too many connections awaiting login from this address",
+                    _ => "too many connections awaiting login",
+                };
+                return busy(&mut stream, message);
+            }
+        };
+        let undo = |node: &Node| {
+            node.prelogin_leave(key);
+            node.connections.fetch_sub(1, Ordering::SeqCst);
+            node.metrics.connections.dec();
+        };
         node.metrics.accepted.inc();
         node.metrics.connections.inc();
         let sock = socket2::SockRef::from(&stream);
@@ -388,9 +431,7 @@ impl Worker {
             Some(Err(e)) => {
                 tracing::warn!("TLS session setup failed: {e}");
                 node.metrics.tls_handshake_failures.inc();
-                node.connections.fetch_sub(1, Ordering::SeqCst);
-                node.metrics.connections.dec();
-                return;
+                return undo(node);
             }
         };
         self.next_gen = self.next_gen.wrapping_add(1);
@@ -398,9 +439,7 @@ impl Worker {
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         if slot >= LISTENER_BASE {
-            node.connections.fetch_sub(1, Ordering::SeqCst);
-            node.metrics.connections.dec();
-            return;
+            return undo(node);
         }
         if let Err(e) = self.poll.registry().register(
             &mut stream,
@@ -408,9 +447,7 @@ impl Worker {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             tracing::warn!("epoll register failed: {e}");
-            node.connections.fetch_sub(1, Ordering::SeqCst);
-            node.metrics.connections.dec();
-            return;
+            return undo(node);
         }
         let conn = Conn::new(now);
         let mut deadline = conn.deadline(&self.conn_config).unwrap_or(now);
@@ -429,6 +466,7 @@ impl Worker {
             tls,
         });
         self.wheel.insert(slot as u32, deadline);
+        self.prelogin.insert(slot, key);
         // Data may already be waiting (edge-triggered: no event for what arrived before).
         self.on_readable(slot, now, false);
     }
@@ -444,6 +482,10 @@ impl Worker {
         if e.conn.is_closed() {
             return;
         }
+        let gen = e.gen;
+        // A partial frame is read into on its own buffer and kept in it: appended to, never
+        // copied again (a frame trickled in byte by byte costs linear, not quadratic, work).
+        let from_partial = e.partial.is_some();
         let mut buf = match e.partial.take() {
             Some(b) => *b,
             None => std::mem::take(&mut self.rbuf),
@@ -515,7 +557,13 @@ impl Worker {
             bytes += n as u64;
             // Take every complete frame off the buffer.
             loop {
-                match self.decoder.decode(&mut buf) {
+                let logged_in = self.conns.get(slot).is_some_and(|e| e.conn.is_logged_in());
+                let decoded = if logged_in {
+                    self.decoder.decode(&mut buf)
+                } else {
+                    self.prelogin_decoder.decode(&mut buf)
+                };
+                match decoded {
                     Ok(Some(frame)) => {
                         frames += 1;
                         let Some(e) = self.conns.get_mut(slot) else {
@@ -535,6 +583,11 @@ impl Worker {
                 }
             }
             if eof || drained {
+                break;
+            }
+            if bytes as usize >= self.node.config.read_budget_bytes {
+                // Fair shares: the others on this worker go first; the rest is read next turn.
+                self.unfinished.push((slot, gen));
                 break;
             }
         }
@@ -562,8 +615,17 @@ impl Worker {
             self.close(slot, None, "peer_closed");
         } else if let Some(e) = self.conns.get_mut(slot) {
             if !buf.is_empty() {
+                if from_partial {
+                    e.partial = Some(Box::new(buf));
+                    return;
+                }
+                // The start of a frame, out of the shared buffer: copied once.
                 e.partial = Some(Box::new(BytesMut::from(&buf[..])));
             }
+        }
+        if from_partial {
+            // The shared buffer was not used.
+            return;
         }
         buf.clear();
         if buf.capacity() < READ_CHUNK {
@@ -684,6 +746,10 @@ impl Worker {
             Ok(id) => id,
             Err(e) => return self.refuse_login(slot, e.code, &e.message, e.reason, 0),
         };
+        if let Some(retry) = node.take_login(&id) {
+            let msg = "too many logins for this device or user";
+            return self.refuse_login(slot, ErrorCode::RateLimited, msg, "rate_limited", retry);
+        }
         let Some(e) = self.conns.get(slot) else {
             return;
         };
@@ -772,6 +838,9 @@ impl Worker {
         } = p;
         let bound = node.bind(id, &login, &body, conn, peer, now);
         Metrics::inc(&node.metrics.logins, "result", "ok");
+        if let Some(key) = self.prelogin.remove(&slot) {
+            node.prelogin_leave(key);
+        }
         let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
         let interval = node.heartbeat_ms(platform);
         let (gap_from, gap_to) = bound.gap.unwrap_or((0, 0));
@@ -997,6 +1066,9 @@ impl Worker {
         let Some(mut e) = self.conns.try_remove(slot) else {
             return;
         };
+        if let Some(key) = self.prelogin.remove(&slot) {
+            self.node.prelogin_leave(key);
+        }
         // One last write attempt (the ERROR or KICK), bounded: never wait for a slow peer.
         if let Some(out) = e.out.as_mut() {
             match &mut e.tls {

@@ -156,8 +156,9 @@ fn a_burst_from_another_user_never_closes_a_receiver_that_reads_and_acks() {
 #[test]
 fn logging_in_again_and_again_keeps_no_ended_session_s_buffers() {
     // Seen: each login ended the previous session, whose unacked buffer stayed in the
-    // worker's grace queue until the grace period ended: +1 GiB in 12 s.
-    let (g, chat) = start_chat(|_| {});
+    // worker's grace queue until the grace period ended: +1 GiB in 12 s. (The login rate
+    // limit is off here: this is about what a login leaves behind.)
+    let (g, chat) = start_chat(|c| c.login_rate_per_device = 0);
     let target = Target::User("eve".into());
     let body = Bytes::from(noise(16 * 1024, 3).into_bytes());
     for _ in 0..40 {
@@ -470,4 +471,192 @@ fn the_connection_limit_defaults_below_the_descriptor_limit() {
         "an explicit limit is kept (with a warning)"
     );
     assert_eq!(tether_gateway::config::effective_max_connections(5), 5);
+}
+
+fn login_result(c: &mut Raw) -> Box<pb::LoginResult> {
+    match c.recv().header {
+        Header::LoginResult(r) => r,
+        h => panic!("expected LOGIN_RESULT, got {h:?}"),
+    }
+}
+
+#[test]
+fn logins_are_rate_limited_per_device_and_per_user() {
+    // Seen: nothing limited logins; each one costs an HMAC, a bind, a session end and the
+    // upstream's events.
+    let (g, _chat) = start_chat(|c| {
+        c.login_rate_per_device = 1;
+        c.login_burst_per_device = 3;
+        c.login_rate_per_user = 1;
+        c.login_burst_per_user = 5;
+    });
+    for _ in 0..3 {
+        let mut c = Raw::connect(g.addrs()[0]);
+        assert_eq!(c.login("eve", "phone", None).code, ErrorCode::Ok as i32);
+    }
+    let mut c = Raw::connect(g.addrs()[0]);
+    c.send(&login_frame("eve", "phone", None));
+    let r = login_result(&mut c);
+    assert_eq!(r.code, ErrorCode::RateLimited as i32);
+    assert_eq!(r.retry_after_ms, 1000);
+    assert!(c.until_closed().is_empty());
+    // Her other devices have their own buckets, within the user's.
+    for d in ["tablet", "laptop"] {
+        let mut c = Raw::connect(g.addrs()[0]);
+        assert_eq!(c.login("eve", d, None).code, ErrorCode::Ok as i32);
+    }
+    let mut c = Raw::connect(g.addrs()[0]);
+    c.send(&login_frame("eve", "watch", None));
+    assert_eq!(
+        login_result(&mut c).code,
+        ErrorCode::RateLimited as i32,
+        "user's burst"
+    );
+    // Someone else is not touched; eve gets a token back after a second.
+    let mut bob = Raw::connect(g.addrs()[0]);
+    assert_eq!(bob.login("bob", "phone", None).code, ErrorCode::Ok as i32);
+    g.advance_clock(1);
+    let mut c = Raw::connect(g.addrs()[0]);
+    assert_eq!(c.login("eve", "phone", None).code, ErrorCode::Ok as i32);
+    // Refused logins ended nothing: eve's sessions are phone (the last), tablet, laptop.
+    assert_eq!(g.node().user_sessions("eve").len(), 3);
+}
+
+#[test]
+fn a_frame_larger_than_the_pre_login_budget_is_refused_before_it_is_buffered() {
+    // Seen: all but one byte of a maximum-size frame held ~70 KB per connection until the
+    // login deadline: ~1.3 GiB at 20,000 descriptors, renewable every 10 s.
+    let (g, _chat) = start_chat(|_| {});
+    let mut c = Raw::connect(g.addrs()[0]);
+    let mut login = login_frame("x", "d", None);
+    login.body = Bytes::from(vec![b'x'; 16 * 1024]);
+    let bytes = login.to_bytes(&tether_codec::Limits::default()).unwrap();
+    // The fixed header alone is enough to refuse it.
+    c.send_bytes(&bytes[..tether_protocol::FIXED_HEADER_LEN]);
+    assert_eq!(error_code(&c.recv()), ErrorCode::FrameTooLarge);
+    assert!(c.until_closed().is_empty());
+    // A LOGIN within the budget, even with a body, is fine; after login the frame limit is
+    // the full one again.
+    let mut c = Raw::connect(g.addrs()[0]);
+    let mut login = login_frame("x", "d", None);
+    login.body = Bytes::from(vec![b'x'; 4 * 1024]);
+    c.send(&login);
+    assert_eq!(login_result(&mut c).code, ErrorCode::Ok as i32);
+    c.uplink(1, chat_to_user("x", &"y".repeat(30_000)));
+    assert_eq!(uplink_ack(&mut c).code, ErrorCode::Ok as i32);
+}
+
+#[test]
+fn connections_awaiting_login_are_capped_per_source_address_and_in_total() {
+    // Seen: nothing limited connections awaiting login per source address.
+    let (g, _chat) = start_chat(|c| {
+        c.max_prelogin_per_ip = 3;
+        c.max_prelogin_connections = 5;
+    });
+    let a = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let b = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    let c3 = std::net::Ipv4Addr::new(127, 0, 0, 4);
+    let mut from_a: Vec<Raw> = (0..3).map(|_| Raw::connect_from(g.addrs()[0], a)).collect();
+    eventually(|| g.node().awaiting_login() == 3);
+    let mut fourth = Raw::connect_from(g.addrs()[0], a);
+    let f = fourth.recv();
+    assert_eq!(error_code(&f), ErrorCode::ServerBusy);
+    let Header::Error(e) = f.header else { panic!() };
+    assert!(e.retry_after_ms > 0);
+    // Another address is not held back by the first...
+    let mut from_b: Vec<Raw> = (0..2).map(|_| Raw::connect_from(g.addrs()[0], b)).collect();
+    eventually(|| g.node().awaiting_login() == 5);
+    // ...until the total is reached.
+    let mut sixth = Raw::connect_from(g.addrs()[0], c3);
+    assert_eq!(error_code(&sixth.recv()), ErrorCode::ServerBusy);
+    // A login frees its place: the address may connect again.
+    assert_eq!(from_a[0].login("a0", "d", None).code, ErrorCode::Ok as i32);
+    eventually(|| g.node().awaiting_login() == 4);
+    let mut again = Raw::connect_from(g.addrs()[0], a);
+    assert_eq!(again.login("a3", "d", None).code, ErrorCode::Ok as i32);
+    // So does a close.
+    drop(from_b.pop());
+    eventually(|| g.node().awaiting_login() == 3);
+    let mut later = Raw::connect_from(g.addrs()[0], c3);
+    assert_eq!(later.login("c", "d", None).code, ErrorCode::Ok as i32);
+    // Logged-in users never counted: they carry on.
+    from_a[0].send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(matches!(from_a[0].recv().header, Header::Pong(_)));
+    let m = g.node().metrics.encode();
+    assert!(
+        m.contains("tether_prelogin_refused_total{limit=\"per_ip\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("tether_prelogin_refused_total{limit=\"total\"} 1"),
+        "{m}"
+    );
+    drop(from_a);
+    drop(from_b);
+    eventually(|| g.node().awaiting_login() == 0);
+}
+
+#[test]
+fn a_connection_past_its_read_budget_is_read_on_next_turn_and_loses_nothing() {
+    // Seen: one connection streaming maximum-size frames kept its worker reading until a
+    // short read; PING p99 on that worker went to 1.1 s. Now each connection reads at most
+    // read_budget_bytes per turn; what is left must still be read (edge-triggered: no new
+    // event says so).
+    let (g, _chat) = start_chat(|c| {
+        c.workers = 1;
+        c.uplink_rate = 0;
+        c.read_budget_bytes = 1;
+    });
+    let mut a = Raw::connect(g.addrs()[0]);
+    a.login("alice", "phone", None);
+    let mut b = Raw::connect(g.addrs()[0]);
+    b.login("bob", "phone", None);
+    // 300 uplinks of ~4 KB written at once: many budgets' worth.
+    let mut burst = Vec::new();
+    for i in 0..300u64 {
+        let f = tether_codec::Frame::with_body(
+            Header::Uplink(pb::Uplink {
+                msg_id: i + 1,
+                body_type: 0,
+            }),
+            chat_to_user("nobody-home", &noise(4_000, i)),
+        );
+        burst.extend_from_slice(&f.to_bytes(&tether_codec::Limits::default()).unwrap());
+    }
+    a.send_bytes(&burst);
+    b.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(matches!(b.recv().header, Header::Pong(_)));
+    let mut acked = 0;
+    while acked < 300 {
+        let ack = uplink_ack(&mut a);
+        assert_eq!(ack.msg_id, acked + 1, "in order, none lost");
+        acked += 1;
+    }
+}
+
+#[test]
+fn a_frame_trickled_in_byte_by_byte_arrives_whole() {
+    // A partial frame is kept in its own buffer and appended to (it was copied again on
+    // every readable event: quadratic work for a trickled frame).
+    let (g, _chat) = start_chat(|_| {});
+    let mut c = Raw::connect(g.addrs()[0]);
+    assert_eq!(c.login("alice", "phone", None).code, ErrorCode::Ok as i32);
+    let f = tether_codec::Frame::with_body(
+        Header::Uplink(pb::Uplink {
+            msg_id: 1,
+            body_type: 0,
+        }),
+        chat_to_user("bob", &noise(3_000, 9)),
+    )
+    .to_bytes(&tether_codec::Limits::default())
+    .unwrap();
+    for (i, chunk) in f.chunks(7).enumerate() {
+        c.send_bytes(chunk);
+        if i % 64 == 0 {
+            // Now and then make sure the gateway has read what came so far.
+            std::thread::yield_now();
+        }
+    }
+    let ack = uplink_ack(&mut c);
+    assert_eq!((ack.msg_id, ack.code), (1, ErrorCode::Ok as i32));
 }

@@ -209,7 +209,20 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(addr: SocketAddr) -> Raw {
-        let s = TcpStream::connect(addr).expect("connect");
+        Raw::over(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// Connects from a source address of our own choosing (in 127.0.0.0/8).
+    pub fn connect_from(addr: SocketAddr, from: std::net::Ipv4Addr) -> Raw {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::from((from, 0)).into())
+            .expect("bind");
+        sock.connect(&addr.into()).expect("connect");
+        Raw::over(sock.into())
+    }
+
+    fn over(s: TcpStream) -> Raw {
         s.set_read_timeout(Some(GUARD)).unwrap();
         s.set_nodelay(true).unwrap();
         Raw {
