@@ -22,6 +22,7 @@ pub mod server;
 pub mod session;
 pub mod supervisor;
 pub mod timer;
+mod transport;
 pub mod upstream;
 mod worker;
 

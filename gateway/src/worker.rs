@@ -10,13 +10,13 @@
 //! loop (answers, acks, downlinks) is written with one `write` at the end of the turn.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
@@ -29,6 +29,7 @@ use crate::conn::{Action, Conn, ConnConfig};
 use crate::metrics::Metrics;
 use crate::node::{Cmd, ConnRef, Node, Session};
 use crate::timer::{Tick, TimerWheel};
+use crate::transport::{self, Got, Tls, Transport, Wrote};
 use crate::upstream::{LoginRequest, Outcome, Reply, Uplink};
 
 /// Bytes read from a socket per `read` call (one buffer per worker).
@@ -64,7 +65,16 @@ struct Entry {
     partial: Option<Box<BytesMut>>,
     /// Bytes not yet written to the socket.
     out: Option<Box<BytesMut>>,
-    tls: Option<Box<rustls::ServerConnection>>,
+    tls: Tls,
+}
+
+impl Entry {
+    fn transport(&mut self) -> Transport<'_> {
+        Transport {
+            stream: &mut self.stream,
+            tls: &mut self.tls,
+        }
+    }
 }
 
 pub(crate) struct Worker {
@@ -501,59 +511,23 @@ impl Worker {
         let mut tls_failed = false;
         let mut tls_to_write = false;
         'read: while let Some(e) = self.conns.get_mut(slot) {
-            let n = match &mut e.tls {
-                None => match e.stream.read(&mut self.scratch) {
-                    Ok(0) => {
-                        eof = true;
-                        0
-                    }
-                    Ok(n) => {
-                        buf.extend_from_slice(&self.scratch[..n]);
-                        drained = may_stop_short && n < self.scratch.len();
-                        n
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => {
-                        eof = true;
-                        0
-                    }
-                },
-                Some(tls) => match tls.read_tls(&mut e.stream) {
-                    Ok(0) => {
-                        eof = true;
-                        0
-                    }
-                    Ok(_) => {
-                        if let Err(err) = tls.process_new_packets() {
-                            tracing::debug!("TLS error: {err}");
-                            tls_failed = true;
-                            let _ = tls.write_tls(&mut e.stream);
-                            break 'read;
-                        }
-                        let mut got = 0;
-                        loop {
-                            match tls.reader().read(&mut self.scratch) {
-                                Ok(0) => break,
-                                Ok(n) => {
-                                    buf.extend_from_slice(&self.scratch[..n]);
-                                    got += n;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        // Handshake answers to send: written at the end of the turn.
-                        tls_to_write |= tls.wants_write();
-                        got
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => {
-                        eof = true;
-                        0
-                    }
-                },
+            let n = match e.transport().read(&mut self.scratch, &mut buf) {
+                Got::Data { n, full } => {
+                    drained = may_stop_short && !full;
+                    n
+                }
+                Got::WouldBlock => break,
+                Got::Eof => {
+                    eof = true;
+                    0
+                }
+                Got::Failed => {
+                    tls_failed = true;
+                    break 'read;
+                }
             };
+            // Handshake answers to send: written at the end of the turn.
+            tls_to_write |= transport::wants_write(&e.tls);
             bytes += n as u64;
             // Take every complete frame off the buffer.
             loop {
@@ -949,91 +923,20 @@ impl Worker {
         let Some(e) = self.conns.get_mut(slot) else {
             return false;
         };
-        let mut written = 0u64;
-        let mut broken = false;
-        if let Some(out) = e.out.as_mut() {
-            match &mut e.tls {
-                None => {
-                    while !out.is_empty() {
-                        match e.stream.write(out) {
-                            Ok(0) => {
-                                broken = true;
-                                break;
-                            }
-                            Ok(n) => {
-                                out.advance(n);
-                                written += n as u64;
-                            }
-                            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                            Err(_) => {
-                                broken = true;
-                                break;
-                            }
-                        }
-                    }
-                }
-                Some(tls) => {
-                    // rustls takes a bounded amount of plaintext at a time: alternate between
-                    // handing it plaintext and writing its records out, until everything is
-                    // written or the socket is full (then EPOLLOUT brings us back).
-                    loop {
-                        let before = out.len();
-                        while !out.is_empty() {
-                            match tls.writer().write(out) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    out.advance(n);
-                                    written += n as u64;
-                                }
-                            }
-                        }
-                        let mut blocked = false;
-                        while tls.wants_write() {
-                            match tls.write_tls(&mut e.stream) {
-                                Ok(0) => {
-                                    broken = true;
-                                    break;
-                                }
-                                Ok(_) => {}
-                                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                                    blocked = true;
-                                    break;
-                                }
-                                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                                Err(_) => {
-                                    broken = true;
-                                    break;
-                                }
-                            }
-                        }
-                        // No plaintext taken although rustls has nothing to write: stop rather
-                        // than spin (cannot happen with rustls's buffer rules).
-                        if blocked || broken || out.is_empty() || out.len() == before {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(tls) = &mut e.tls {
-            // Handshake records and alerts, when there was no plaintext to send.
-            while tls.wants_write() {
-                match tls.write_tls(&mut e.stream) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        broken = true;
-                        break;
-                    }
-                }
-            }
-        }
+        let mut t = Transport {
+            stream: &mut e.stream,
+            tls: &mut e.tls,
+        };
+        let wrote = match e.out.as_deref_mut() {
+            Some(out) => t.write(out),
+            // Handshake records and alerts, when there is no plaintext to send.
+            None if transport::wants_write(t.tls) => t.write(&mut BytesMut::new()),
+            None => Wrote::default(),
+        };
+        let (written, broken) = (wrote.taken, wrote.broken);
         self.node.metrics.bytes_out.inc_by(written);
-        let pending = e.out.as_ref().map_or(0, |o| o.len())
-            + e.tls.as_ref().map_or(0, |t| t.wants_write() as usize);
+        let pending =
+            e.out.as_ref().map_or(0, |o| o.len()) + transport::wants_write(&e.tls) as usize;
         if e.out.as_ref().is_some_and(|o| o.is_empty()) {
             e.out = None;
         }
@@ -1070,22 +973,12 @@ impl Worker {
             self.node.prelogin_leave(key);
         }
         // One last write attempt (the ERROR or KICK), bounded: never wait for a slow peer.
-        if let Some(out) = e.out.as_mut() {
-            match &mut e.tls {
-                None => {
-                    let _ = e.stream.write(out);
-                }
-                Some(tls) => {
-                    let _ = tls.writer().write(out);
-                    tls.send_close_notify();
-                    let _ = tls.write_tls(&mut e.stream);
-                }
-            }
+        let out = e.out.as_deref_mut();
+        Transport {
+            stream: &mut e.stream,
+            tls: &mut e.tls,
         }
-        let _ = e.stream.shutdown(std::net::Shutdown::Write);
-        // Read what the peer already sent, so that closing does not reset the connection
-        // (and lose the ERROR) over unread input.
-        let _ = e.stream.read(&mut self.scratch);
+        .close(out, &mut self.scratch);
         let _ = self.poll.registry().deregister(&mut e.stream);
         let m = &self.node.metrics;
         Metrics::inc(&m.closes, "reason", label);
@@ -1196,7 +1089,7 @@ impl Worker {
                 // Stale: this connection's live entry is due later.
                 continue;
             }
-            if e.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+            if transport::is_handshaking(&e.tls) {
                 // The handshake has its own deadline.
                 let limit = self.node.config.tls_handshake_timeout_secs;
                 if now >= e.conn.opened().saturating_add(limit) {
