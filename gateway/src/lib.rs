@@ -16,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod embedded;
+pub mod handoff;
 pub mod metrics;
 pub mod node;
 pub mod server;

@@ -127,7 +127,20 @@ fn main() -> std::process::ExitCode {
         eprintln!("tether-gateway: cannot install signal handlers");
         return std::process::ExitCode::from(2);
     };
-    let gateway = match Gateway::start(config, Options::default()) {
+    // A supervisor's children hand sessions to each other on resume.
+    let siblings = role.and_then(|(index, count)| {
+        let dir = std::env::var_os(tether_gateway::handoff::DIR_ENV)?;
+        Some(tether_gateway::handoff::Siblings {
+            index,
+            count,
+            dir: dir.into(),
+        })
+    });
+    let options = Options {
+        siblings,
+        ..Options::default()
+    };
+    let gateway = match Gateway::start(config, options) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("tether-gateway: {e}");

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub upstream_latency: StripedHistogram,
     pub upstream_panics: Family<Labels, Counter>,
     pub awaiting_login: Gauge,
+    pub handoffs: Family<Labels, Counter>,
     pub prelogin_refused: Family<Labels, Counter>,
 }
 
@@ -171,6 +172,11 @@ impl Metrics {
             upstream_panics: reg!(
                 "upstream_panics",
                 "Panics caught in calls to the upstream, by call",
+                Family::default()
+            ),
+            handoffs: reg!(
+                "handoffs",
+                "Sessions moved between sibling processes (--processes), by side: taken, given, failed (a claim no sibling answered)",
                 Family::default()
             ),
             awaiting_login: reg!(

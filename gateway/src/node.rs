@@ -61,6 +61,12 @@ pub(crate) enum Cmd {
     Tick,
     /// The upstream answered a login after its `login` call had returned.
     LoginVerdict(Box<crate::worker::PendingLogin>, Outcome),
+    /// A sibling process answered the claim of the session a login asks to resume: its
+    /// snapshot, or `None` (not there, or no answer).
+    Claimed(
+        Box<crate::worker::PendingLogin>,
+        Option<Box<crate::session::core::Snapshot>>,
+    ),
 }
 
 struct WorkerLink {
@@ -224,6 +230,8 @@ pub struct Node {
     /// one queue per thread stripe: a worker watches and expires its own requests, and no
     /// lock is shared by the workers per uplink.
     pending: Box<[crossbeam_utils::CachePadded<Mutex<Pending>>]>,
+    /// With `--processes`: the sibling processes, and the handoff of sessions between them.
+    pub(crate) handoff: OnceLock<crate::handoff::Handoff>,
 }
 
 impl std::fmt::Debug for Node {
@@ -280,6 +288,7 @@ impl Node {
             pending: (0..crate::metrics::STRIPES)
                 .map(|_| Default::default())
                 .collect(),
+            handoff: OnceLock::new(),
         })
     }
 
@@ -546,13 +555,34 @@ impl Node {
                 None => Metrics::inc(&self.metrics.resumes, "outcome", "not_resumed"),
             }
         }
+        let mut sid = random_id();
+        if let Some(h) = self.handoff.get() {
+            // The id names this process, for a resume that lands on a sibling.
+            h.siblings.stamp(&mut sid);
+        }
         let session = Arc::new(Session {
-            id: random_id(),
+            id: sid,
             user: Arc::from(id.user_id.as_str()),
             device: Arc::from(id.device_id.as_str()),
             class: platform_class(platform),
             state: Mutex::new(SessionCore::new(conn, accept_gzip, platform, now)),
         });
+        self.register(&session, platform, true);
+        let info = session.info(&session.state.lock(), peer);
+        self.up("session_opened", |u, hub| {
+            u.session_opened(hub, &info, login_body)
+        });
+        Bound {
+            session,
+            resumed: false,
+            gap: None,
+        }
+    }
+
+    /// Puts a new session in the registry (by id, then in its user's list), ending the
+    /// sessions the multi-device policy says it replaces; a replaced session of the same
+    /// device hands it its rate bucket and dedup window.
+    fn register(&self, session: &Arc<Session>, platform: Platform, inherit: bool) {
         // In the id map before the user's list: a concurrent login that replaces this
         // session finds it in the list and its `end` must find it in the map too.
         let h = self.sessions.hash(&session.id);
@@ -591,22 +621,72 @@ impl Node {
         self.metrics.sessions.inc();
         for (victim, reason) in victims {
             let carry = self.end(&victim, EndReason::Replaced(reason));
-            if let Some(carry) = carry.filter(|_| victim.device == session.device) {
+            if let Some(carry) = carry.filter(|_| inherit && victim.device == session.device) {
                 // The same device logging in again carries on with its rate bucket and its
                 // dedup window: a re-login neither refills the bucket nor forwards a resend
                 // again.
                 session.state.lock().inherit(carry);
             }
         }
-        let info = session.info(&session.state.lock(), peer);
-        self.up("session_opened", |u, hub| {
-            u.session_opened(hub, &info, login_body)
-        });
-        Bound {
-            session,
-            resumed: false,
-            gap: None,
+    }
+
+    /// Hands a session over to the sibling process that claims it (`--processes`): its
+    /// snapshot, and it ends here as `Moved` (its connection, if any, kicked
+    /// `RESUMED_ELSEWHERE`; its unacked downlinks go with the snapshot, not to the upstream).
+    /// `None` if there is no such session of this user and device.
+    pub(crate) fn hand_off(
+        &self,
+        id: &SessionId,
+        user: &str,
+        device: &str,
+    ) -> Option<crate::session::core::Snapshot> {
+        let session = self.session(id)?;
+        if *session.user != *user || *session.device != *device {
+            return None;
         }
+        let mut snapshot = None;
+        self.end_if(&session, EndReason::Moved, |core| {
+            snapshot = Some(core.snapshot());
+            true
+        })?;
+        snapshot
+    }
+
+    /// Takes in a session a sibling process handed over: registered here under its id,
+    /// detached, waiting for the resume that claimed it (or for its grace period). Returns the
+    /// detach epoch to expire it by, or `None` if a session of that id is here already.
+    pub(crate) fn adopt(
+        &self,
+        id: SessionId,
+        identity: &Identity,
+        snapshot: crate::session::core::Snapshot,
+        now: Tick,
+    ) -> Option<u32> {
+        if self.session(&id).is_some() {
+            return None;
+        }
+        let platform = snapshot.platform;
+        let core = SessionCore::restore(snapshot, now);
+        let rooms: Vec<Arc<str>> = core.rooms().to_vec();
+        let session = Arc::new(Session {
+            id,
+            user: Arc::from(identity.user_id.as_str()),
+            device: Arc::from(identity.device_id.as_str()),
+            class: platform_class(platform),
+            state: Mutex::new(core),
+        });
+        let bytes = session.state.lock().downlink_state().1;
+        self.metrics.buffered.add(bytes as i64);
+        self.register(&session, platform, false);
+        for room in rooms {
+            self.rooms
+                .shard(&*room)
+                .lock()
+                .entry(room.clone())
+                .or_default()
+                .insert(session.id, session.clone());
+        }
+        Some(0)
     }
 
     fn try_resume(
@@ -721,14 +801,27 @@ impl Node {
         self.session_count.fetch_sub(1, Ordering::Relaxed);
         self.metrics.sessions.dec();
         Metrics::inc(&self.metrics.sessions_ended, "reason", reason.label());
-        if !ended.undelivered.is_empty() {
+        // A moved session's downlinks went with it: nothing here is undelivered.
+        let undelivered: &[crate::upstream::Downlink] = match reason {
+            EndReason::Moved => &[],
+            _ => &ended.undelivered,
+        };
+        if !undelivered.is_empty() {
             self.metrics
                 .undelivered
                 .get_or_create(&[("reason", reason.label())])
-                .inc_by(ended.undelivered.len() as u64);
+                .inc_by(undelivered.len() as u64);
         }
         if let Link::Attached(c) = ended.link {
             match reason {
+                EndReason::Moved => self.send(
+                    c.worker,
+                    Cmd::Kick(
+                        c,
+                        KickReason::ResumedElsewhere,
+                        "resumed on another connection".into(),
+                    ),
+                ),
                 EndReason::Replaced(k) | EndReason::Kicked(k) => {
                     let msg = match k {
                         KickReason::LoggedInElsewhere => "logged in elsewhere",
@@ -743,7 +836,7 @@ impl Node {
             }
         }
         self.up("session_ended", |u, hub| {
-            u.session_ended(hub, &info, reason, &ended.undelivered)
+            u.session_ended(hub, &info, reason, undelivered)
         });
         Some(ended.carry)
     }

@@ -27,6 +27,9 @@ pub struct Options {
     pub auth: Option<Box<dyn Authenticator>>,
     /// `None`: the embedded reference upstream ([`ChatUpstream`]).
     pub upstream: Option<Arc<dyn Upstream>>,
+    /// This process's siblings under a `--processes` supervisor: sessions are handed between
+    /// them on resume ([`crate::handoff`]). `None`: a process on its own.
+    pub siblings: Option<crate::handoff::Siblings>,
 }
 
 /// A running gateway.
@@ -152,6 +155,10 @@ impl Gateway {
             config.max_prelogin_connections = (config.max_connections / 4).max(1);
         }
         let node = Node::new(config, clock, auth, upstream);
+        if let Some(siblings) = options.siblings {
+            let h = crate::handoff::Handoff::start(&node, siblings)?;
+            let _ = node.handoff.set(h);
+        }
         let mut links = Vec::new();
         let mut ready = Vec::new();
         for (w, listeners) in per_worker.into_iter().enumerate() {
@@ -244,6 +251,9 @@ impl Gateway {
         }
         if let Some(a) = self.admin.take() {
             a.stop();
+        }
+        if let Some(h) = self.node.handoff.get() {
+            h.stop();
         }
     }
 

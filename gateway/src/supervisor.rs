@@ -1,8 +1,8 @@
 //! `--processes N`: one process starts N gateway processes of the same executable, which
 //! share the listen ports through SO_REUSEPORT (the kernel spreads new connections over all
 //! their listeners), so that one machine holds more connections than one process's file
-//! limit. The processes share nothing: a session lives in the process its connection landed
-//! in, and each has its own admin port.
+//! limit. A session lives in the process its connection landed in, until a resume lands on
+//! another, which claims it; each process has its own admin port.
 //!
 //! A child is told what it is by the environment ([`INDEX_ENV`], [`COUNT_ENV`]), not by
 //! flags: it parses the same flags, environment and file as its supervisor, then
@@ -12,7 +12,9 @@
 //! The supervisor forwards the first SIGTERM/SIGINT to every child as SIGTERM (they drain)
 //! and a second one as SIGKILL; it exits 0 when every child exited 0. A child that exits
 //! outside a shutdown is restarted after a backoff (1 s, doubling up to 30 s, back to 1 s
-//! once a child has lived 60 s); its sessions are lost. On Linux a child gets SIGTERM (a
+//! once a child has lived 60 s); its sessions are lost. A session moves between the
+//! children when its client resumes on another one ([`crate::handoff`], through Unix sockets
+//! in a directory the supervisor makes, mode 0700, and removes at exit). On Linux a child gets SIGTERM (a
 //! drain) if its supervisor dies.
 
 use std::ffi::OsString;
@@ -108,6 +110,7 @@ fn spawn(exe: &Path, args: &[OsString], index: usize, count: usize) -> std::io::
     cmd.args(args)
         .env(INDEX_ENV, index.to_string())
         .env(COUNT_ENV, count.to_string())
+        .env(crate::handoff::DIR_ENV, handoff_dir())
         // Not used by a child (its role wins over every `processes`), but keeps what it
         // inherits consistent.
         .env("TETHER_PROCESSES", "1")
@@ -168,7 +171,24 @@ pub fn run(config: &Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    rt.block_on(supervise(&exe, &args, &children))
+    // The children's handoff sockets: a directory only this user may enter.
+    let dir = handoff_dir();
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)
+    } {
+        eprintln!("tether-gateway: handoff directory {}: {e}", dir.display());
+        return ExitCode::from(2);
+    }
+    let code = rt.block_on(supervise(&exe, &args, &children));
+    let _ = std::fs::remove_dir_all(&dir);
+    code
+}
+
+/// Where this supervisor's children put their handoff sockets.
+fn handoff_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tether-handoff-{}", std::process::id()))
 }
 
 async fn supervise(exe: &Path, args: &[OsString], children: &[Config]) -> ExitCode {

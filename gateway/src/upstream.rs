@@ -186,6 +186,10 @@ pub enum EndReason {
     Kicked(KickReason),
     /// The gateway shut down.
     Shutdown,
+    /// It moved to a sibling process of this gateway (`--processes`), which resumes it: its
+    /// unacked downlinks went with it (`undelivered` is empty), and the back end hears of
+    /// it again as `session_attached` from there.
+    Moved,
 }
 
 impl EndReason {
@@ -195,6 +199,7 @@ impl EndReason {
             EndReason::Replaced(_) => "replaced",
             EndReason::Kicked(_) => "kicked",
             EndReason::Shutdown => "shutdown",
+            EndReason::Moved => "moved",
         }
     }
 }

@@ -26,8 +26,9 @@ use tether_protocol::pb::{self, ErrorCode, KickReason, Platform};
 
 use crate::auth::Identity;
 use crate::conn::{Action, Conn, ConnConfig};
+use crate::handoff::ClaimJob;
 use crate::metrics::Metrics;
-use crate::node::{Cmd, ConnRef, Node, Session};
+use crate::node::{Cmd, ConnRef, Node, Session, SessionId};
 use crate::timer::{Tick, TimerWheel};
 use crate::transport::{self, Got, Tls, Transport, Wrote};
 use crate::upstream::{LoginRequest, Outcome, Reply, Uplink};
@@ -113,7 +114,7 @@ pub(crate) struct Worker {
 /// connection's record (which stays small) until the answer comes.
 #[derive(Debug)]
 pub(crate) struct PendingLogin {
-    conn: ConnRef,
+    pub(crate) conn: ConnRef,
     id: Identity,
     login: Box<pb::Login>,
     body: Bytes,
@@ -803,6 +804,65 @@ impl Worker {
             let msg = "this gateway is draining";
             return self.refuse_login(slot, ErrorCode::Draining, msg, "draining", retry);
         }
+        // A resume of a session a sibling process made (`--processes`): claimed from it
+        // first, by the handoff thread; the answer comes back as `Cmd::Claimed`.
+        if let Some(h) = node.handoff.get() {
+            let asked = p.login.resume.as_ref();
+            let sid = asked.and_then(|r| SessionId::try_from(r.session_id.as_ref()).ok());
+            if let Some(sid) = sid.filter(|sid| node.session(sid).is_none()) {
+                if let Some(owner) = h.siblings.owner(&sid) {
+                    let (user, device) = (p.id.user_id.clone(), p.id.device_id.clone());
+                    h.claim(ClaimJob {
+                        owner,
+                        worker: self.id,
+                        pending: Box::new(p),
+                        session_id: sid,
+                        user,
+                        device,
+                    });
+                    return;
+                }
+            }
+        }
+        self.bind_login(slot, p, now);
+    }
+
+    /// What a sibling answered for a claimed session: taken in (even if the connection that
+    /// claimed it has gone meanwhile: it then waits for a resume like any detached session),
+    /// then the login goes on.
+    fn claimed(
+        &mut self,
+        p: PendingLogin,
+        snapshot: Option<Box<crate::session::core::Snapshot>>,
+        now: Tick,
+    ) {
+        let node = self.node.clone();
+        if let Some(snapshot) = snapshot {
+            let sid = p
+                .login
+                .resume
+                .as_ref()
+                .and_then(|r| SessionId::try_from(r.session_id.as_ref()).ok());
+            if let Some(sid) = sid {
+                if let Some(epoch) = node.adopt(sid, &p.id, *snapshot, now) {
+                    if let Some(s) = node.session(&sid) {
+                        let at = node
+                            .clock
+                            .now_ceil()
+                            .saturating_add(node.config.resume_grace_secs);
+                        self.expiring.push_back((at, s, epoch));
+                    }
+                }
+            }
+        }
+        if let Some(slot) = self.lookup(p.conn) {
+            self.bind_login(slot, p, now);
+        }
+    }
+
+    /// Binds an admitted login to its session and answers LOGIN_RESULT.
+    fn bind_login(&mut self, slot: usize, p: PendingLogin, now: Tick) {
+        let node = self.node.clone();
         let PendingLogin {
             conn,
             id,
@@ -1069,6 +1129,7 @@ impl Worker {
                         self.finish_login(slot, *p, o, now);
                     }
                 }
+                Cmd::Claimed(p, snapshot) => self.claimed(*p, snapshot, now),
                 Cmd::Drain => self.start_drain(),
                 Cmd::Stop => self.stop = true,
                 Cmd::Tick => {}

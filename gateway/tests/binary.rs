@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 
+use bytes::Bytes;
 use common::*;
 use tether_codec::{Frame, Header};
 use tether_protocol::pb;
@@ -196,6 +197,7 @@ fn processes_share_the_port_and_stop_together() {
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
         .args(["--drain-window-ms", "0", "--drain-linger-ms", "100"])
+        .args(["--login-burst-per-device", "64"])
         .env("TETHER_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -240,6 +242,36 @@ fn processes_share_the_port_and_stop_together() {
     );
     eventually(|| admins.iter().map(|&a| connections(a)).sum::<u64>() == n);
 
+    // A client of one process that reconnects and lands on the other keeps its session: the
+    // second claims it from the first over their handoff socket.
+    let dir = std::env::temp_dir().join(format!("tether-handoff-{}", sup.child.id()));
+    assert!(dir.join("0.sock").exists() && dir.join("1.sock").exists());
+    let login = |resume: Option<(Bytes, u64)>| {
+        let mut c = Raw::connect(sup.addr);
+        let mut f = login_frame("roamer", "d", resume);
+        if let Header::Login(l) = &mut f.header {
+            l.token = "dev".into();
+        }
+        c.send(&f);
+        let r = login_result(&mut c);
+        assert_eq!(r.code, pb::ErrorCode::Ok as i32);
+        (c, r)
+    };
+    let (c, first) = login(None);
+    drop(c);
+    let mut moved = false;
+    for _ in 0..60 {
+        let (c, r) = login(Some((first.session_id.clone(), 0)));
+        assert!(r.resumed, "resumed wherever it lands");
+        assert_eq!(r.session_id, first.session_id);
+        drop(c);
+        if r.server_id != first.server_id {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "never landed on the other process in 60 tries");
+
     // SIGTERM to the supervisor drains every process; it exits 0 once they all did.
     let pid = sup.child.id().to_string();
     assert!(Command::new("kill")
@@ -268,4 +300,5 @@ fn processes_share_the_port_and_stop_together() {
         assert!(TcpStream::connect(a).is_err());
     }
     assert!(TcpStream::connect(sup.addr).is_err());
+    assert!(!dir.exists(), "the handoff directory is removed");
 }

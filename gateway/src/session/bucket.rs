@@ -30,6 +30,21 @@ impl TokenBucket {
         None
     }
 
+    /// Thousandths of a token owed at `now_ms` (to move the bucket to another clock).
+    pub fn debt_at(&self, now_ms: u64, rate: u32) -> u32 {
+        let elapsed = (now_ms as u32).wrapping_sub(self.at_ms) as u64;
+        let refill = elapsed.saturating_mul(rate as u64).min(u32::MAX as u64) as u32;
+        self.debt_milli.saturating_sub(refill)
+    }
+
+    /// A bucket owing `debt_milli` at `now_ms` (of this clock).
+    pub fn owing(debt_milli: u32, now_ms: u64) -> TokenBucket {
+        TokenBucket {
+            debt_milli,
+            at_ms: now_ms as u32,
+        }
+    }
+
     /// Whether the bucket is full again at `now_ms` (nothing spent is still owed): such an
     /// entry of a table of buckets can be dropped, a fresh one is the same.
     pub fn is_full(&self, now_ms: u64, rate: u32) -> bool {
