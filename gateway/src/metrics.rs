@@ -49,6 +49,8 @@ pub struct Metrics {
     pub upstream_panics: Family<Labels, Counter>,
     pub awaiting_login: Gauge,
     pub handoffs: Family<Labels, Counter>,
+    pub answers_too_large: Family<Labels, Counter>,
+    pub encode_failures: Family<Labels, Counter>,
     pub prelogin_refused: Family<Labels, Counter>,
 }
 
@@ -172,6 +174,16 @@ impl Metrics {
             upstream_panics: reg!(
                 "upstream_panics",
                 "Panics caught in calls to the upstream, by call",
+                Family::default()
+            ),
+            answers_too_large: reg!(
+                "answers_too_large",
+                "Upstream answers too large for a frame, answered INTERNAL instead",
+                Family::default()
+            ),
+            encode_failures: reg!(
+                "encode_failures",
+                "Frames to a client that did not encode, by kind (the connection is closed INTERNAL)",
                 Family::default()
             ),
             handoffs: reg!(

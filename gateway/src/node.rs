@@ -35,6 +35,10 @@ pub use crate::upstream::{Push, PushReport, SessionId, Target};
 
 const SHARDS: usize = 64;
 
+/// Longest `message` of an answer from the upstream passed to a client, bytes (cut at a char
+/// boundary); the header limit is 4 KiB.
+pub const MAX_ANSWER_MESSAGE: usize = 1024;
+
 /// Slots counting connections awaiting login by source address (a hash of it: two addresses
 /// in one slot share its limit, which a random hasher keeps an attacker from arranging).
 const PRELOGIN_SLOTS: usize = 4096;
@@ -1118,6 +1122,7 @@ impl Node {
             core.link()
         };
         if let Link::Attached(c) = link {
+            let o = self.answer_that_fits(o);
             self.send(c.worker, Cmd::Send(c, uplink_ack(msg_id, &o)));
         }
     }
@@ -1146,7 +1151,10 @@ impl Node {
         let node = self.clone();
         let s = session.clone();
         let room2 = room.clone();
-        let reply = Reply::new(move |mut o: Outcome| {
+        let reply = Reply::new(move |o: Outcome| {
+            // What the client will hear decides what is done: an OK too large to send is an
+            // INTERNAL, and then the room is not joined.
+            let mut o = node.answer_that_fits(o);
             if o.code == ErrorCode::Ok {
                 let done = if join {
                     node.room_add(&room2, &s)
@@ -1188,6 +1196,28 @@ impl Node {
         if let Some((receipts, info)) = receipted {
             self.up("delivered", |u, hub| u.delivered(hub, &info, &receipts));
         }
+    }
+
+    /// An upstream's answer as the client can be sent it: a message cut to
+    /// [`MAX_ANSWER_MESSAGE`] bytes, and a body too large for a frame replaced by an INTERNAL
+    /// answer saying so. (An answer that did not encode was dropped: silence, where the
+    /// client is owed an answer.)
+    pub(crate) fn answer_that_fits(&self, mut o: Outcome) -> Outcome {
+        if o.message.len() > MAX_ANSWER_MESSAGE {
+            let mut cut = MAX_ANSWER_MESSAGE;
+            while !o.message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            o.message.truncate(cut);
+        }
+        if o.body.len() > self.session_limits.max_body {
+            Metrics::inc(&self.metrics.answers_too_large, "what", "body");
+            return Outcome::err(
+                ErrorCode::Internal,
+                "the upstream's answer does not fit a frame",
+            );
+        }
+        o
     }
 
     /// Asks the upstream to admit a login (its answer, or the timeout's, goes to `reply`).

@@ -791,6 +791,7 @@ impl Worker {
     /// The upstream's verdict on a login: refused, or bound to a session and answered.
     fn finish_login(&mut self, slot: usize, p: PendingLogin, o: Outcome, now: Tick) {
         let node = self.node.clone();
+        let o = node.answer_that_fits(o);
         if o.code != ErrorCode::Ok {
             let reason = match o.code {
                 ErrorCode::UpstreamTimeout => "upstream_timeout",
@@ -926,7 +927,12 @@ impl Worker {
         if let Some(e) = self.conns.get_mut(slot) {
             let out = e.out.get_or_insert_with(Default::default);
             if let Err(err) = f.encode(out, &limits) {
+                // Never silence: a frame the client is owed that cannot be written closes the
+                // connection with INTERNAL (the session stays for a resume).
                 tracing::error!("cannot encode a {} frame: {err}", f.kind());
+                let kind = f.kind().name();
+                Metrics::inc(&self.node.metrics.encode_failures, "kind", kind);
+                self.close(slot, Some(ErrorCode::Internal), "encode_failed");
                 return;
             }
             self.node.metrics.frames_out.inc();

@@ -606,3 +606,72 @@ fn a_panic_in_the_upstream_answers_internal_and_the_worker_goes_on() {
     // Shutdown completes.
     g.stop();
 }
+
+/// Answers with what does not fit a frame: a body past the frame limit, a very long message.
+struct Oversized;
+
+impl Upstream for Oversized {
+    fn session_opened(&self, _: &dyn Hub, _: &SessionInfo, _: &Bytes) {}
+    fn session_ended(&self, _: &dyn Hub, _: &SessionInfo, _: EndReason, _: &[Downlink]) {}
+    fn uplink(&self, _: &dyn Hub, _: &SessionInfo, u: Uplink, reply: Reply) {
+        let mut o = Outcome::ok();
+        if u.msg_id == 1 {
+            o.body = Bytes::from(vec![b'x'; 200_000]);
+        } else {
+            o.message = "é".repeat(10_000);
+        }
+        reply.send(o)
+    }
+    fn room_join(&self, _: &dyn Hub, _: &SessionInfo, _: &str, _: Bytes, reply: Reply) {
+        let mut o = Outcome::ok();
+        o.body = Bytes::from(vec![b'x'; 200_000]);
+        reply.send(o)
+    }
+    fn room_leave(&self, _: &dyn Hub, _: &SessionInfo, _: &str, reply: Reply) {
+        reply.ok()
+    }
+    fn delivered(&self, _: &dyn Hub, _: &SessionInfo, _: &[u64]) {}
+}
+
+#[test]
+fn an_answer_too_large_for_a_frame_still_reaches_the_client() {
+    // Seen (read in the code): a frame that failed to encode, e.g. an upstream answer past
+    // the header cap, was logged and dropped: the client waited for an ack that never came.
+    let g = Gateway::start(
+        config(),
+        Options {
+            clock: Some(Clock::manual()),
+            upstream: Some(Arc::new(Oversized)),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let mut c = Raw::connect(g.addrs()[0]);
+    c.login("alice", "phone", None);
+    c.uplink(1, Bytes::from_static(b"x"));
+    let Header::UplinkAck(a) = c.recv().header else {
+        panic!()
+    };
+    assert_eq!((a.msg_id, a.code), (1, ErrorCode::Internal as i32));
+    c.uplink(2, Bytes::from_static(b"x"));
+    let Header::UplinkAck(a) = c.recv().header else {
+        panic!()
+    };
+    assert_eq!((a.msg_id, a.code), (2, ErrorCode::Ok as i32));
+    assert!(a.message.len() <= 1024 && a.message.starts_with('é'));
+    c.send(&tether_codec::Frame::new(Header::RoomJoin(Box::new(
+        pb::RoomJoin {
+            request_id: 3,
+            room_id: "r".into(),
+        },
+    ))));
+    let Header::RoomResult(r) = c.recv().header else {
+        panic!()
+    };
+    assert_eq!((r.request_id, r.code), (3, ErrorCode::Internal as i32));
+    assert_eq!(
+        g.node().room_size("r"),
+        0,
+        "what the client heard is what was done"
+    );
+}
