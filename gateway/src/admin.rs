@@ -414,7 +414,7 @@ async fn handle(
                     let (unacked, unacked_bytes, last_seq) = s.downlink_state();
                     json!({
                         "session_id": hex(&s.id),
-                        "device": &*s.device,
+                        "device": s.device(),
                         "platform": s.platform().as_str_name(),
                         "attached": s.is_attached(),
                         "rooms": s.rooms().iter().map(|r| r.to_string()).collect::<Vec<_>>(),
@@ -431,7 +431,7 @@ async fn handle(
                 .room_members(&room)
                 .iter()
                 .map(
-                    |s| json!({ "session_id": hex(&s.id), "user": &*s.user, "device": &*s.device }),
+                    |s| json!({ "session_id": hex(&s.id), "user": s.user(), "device": s.device() }),
                 )
                 .collect();
             json_reply(StatusCode::OK, json!(list))

@@ -292,7 +292,7 @@ fn deliver_stored(hub: &dyn Hub, session: &SessionId, m: &Stored) -> Delivery {
 impl Upstream for ChatUpstream {
     fn session_opened(&self, hub: &dyn Hub, session: &SessionInfo, _login_body: &Bytes) {
         let mut mail = self.mail.lock();
-        let Some(q) = mail.offline.remove(&*session.user) else {
+        let Some(q) = mail.offline.remove(session.user()) else {
             return;
         };
         // Handed to the session as a backlog: sent as fast as its acks make room, never
@@ -338,8 +338,8 @@ impl Upstream for ChatUpstream {
             })
             .chain(waiting.items);
         for m in back {
-            if !self.enqueue_offline(&mut mail, &session.user, m) {
-                tracing::debug!(user = %session.user, "offline queue full: a message is dropped");
+            if !self.enqueue_offline(&mut mail, session.user(), m) {
+                tracing::debug!(user = %session.user(), "offline queue full: a message is dropped");
             }
         }
     }
@@ -350,7 +350,7 @@ impl Upstream for ChatUpstream {
             Err(o) => return reply.send(o),
         };
         let now = hub.unix_ms();
-        msg.sender = session.user.to_string();
+        msg.sender = session.user().to_string();
         msg.server_msg_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         msg.sent_at_ms = now;
         let plain = Bytes::from(msg.encode_to_vec());
@@ -394,10 +394,10 @@ impl Upstream for ChatUpstream {
                         "the recipient's offline queue is full",
                     ));
                 }
-                if *user != *session.user {
+                if user != session.user() {
                     // The sender's other devices see what was sent.
                     targets.extend(
-                        hub.user_sessions(&session.user)
+                        hub.user_sessions(session.user())
                             .iter()
                             .map(|s| s.id)
                             .filter(|id| *id != session.id),

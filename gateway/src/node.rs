@@ -29,7 +29,7 @@ pub use crate::session::core::{ConnRef, Delivery, Link, Refusal};
 use crate::session::core::{PushBody, SessionCore, SessionLimits, Verdict};
 use crate::timer::Tick;
 use crate::upstream::{
-    EndReason, Hub, LoginRequest, Outcome, Reply, ReplyInner, SessionInfo, Uplink, Upstream,
+    EndReason, Hub, LoginRequest, Names, Outcome, Reply, ReplyInner, SessionInfo, Uplink, Upstream,
 };
 pub use crate::upstream::{Push, PushReport, SessionId, Target};
 
@@ -85,10 +85,8 @@ struct WorkerLink {
 /// What never changes is here; everything else is its [`SessionCore`], under its lock.
 pub struct Session {
     pub id: SessionId,
-    pub user: Arc<str>,
-    /// A box, not an `Arc`: 16 bytes less per session (a [`SessionInfo`] copies it, once
-    /// per event, which is rarer than the sessions are many).
-    pub device: Box<str>,
+    /// The user and device ids, in one allocation shared with every [`SessionInfo`] of it.
+    pub names: Names,
     /// The platform class of the login that made it (for the `per-platform-class` policy,
     /// read under a registry shard lock, where a session lock must not be taken).
     class: u8,
@@ -99,8 +97,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("id", &hex(&self.id))
-            .field("user", &self.user)
-            .field("device", &self.device)
+            .field("names", &self.names)
             .finish()
     }
 }
@@ -110,6 +107,14 @@ pub fn hex(id: &[u8]) -> String {
 }
 
 impl Session {
+    pub fn user(&self) -> &str {
+        self.names.user()
+    }
+
+    pub fn device(&self) -> &str {
+        self.names.device()
+    }
+
     pub fn is_attached(&self) -> bool {
         self.state.lock().is_attached()
     }
@@ -141,8 +146,7 @@ impl Session {
     pub(crate) fn info(&self, core: &SessionCore, peer: Option<SocketAddr>) -> SessionInfo {
         SessionInfo {
             id: self.id,
-            user: self.user.clone(),
-            device: Arc::from(&*self.device),
+            names: self.names.clone(),
             platform: core.platform(),
             peer,
             attached: core.is_attached(),
@@ -226,8 +230,10 @@ pub struct Node {
     session_count: AtomicUsize,
     draining: AtomicBool,
     pub(crate) stopped_workers: AtomicU32,
-    /// Login buckets per device and per user.
-    logins: crate::session::bucket::BucketTable,
+    /// Login buckets per device, per user; when they were last swept (elapsed ms).
+    device_logins: crate::session::bucket::BucketTable,
+    user_logins: crate::session::bucket::BucketTable,
+    logins_swept: std::sync::atomic::AtomicU64,
     /// Connections awaiting login, in all and per source-address slot.
     prelogin: AtomicUsize,
     prelogin_by_ip: Box<[AtomicU32]>,
@@ -287,7 +293,9 @@ impl Node {
             session_count: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             stopped_workers: AtomicU32::new(0),
-            logins: Default::default(),
+            device_logins: Default::default(),
+            user_logins: Default::default(),
+            logins_swept: Default::default(),
             prelogin: AtomicUsize::new(0),
             prelogin_by_ip: (0..PRELOGIN_SLOTS).map(|_| AtomicU32::new(0)).collect(),
             ip_hasher: Default::default(),
@@ -396,7 +404,7 @@ impl Node {
         self.users
             .shard(h)
             .lock()
-            .find(h, |l| *l[0].user == *user)
+            .find(h, |l| l[0].user() == user)
             .map(|l| l.to_vec())
             .unwrap_or_default()
     }
@@ -442,16 +450,34 @@ impl Node {
         let c = &self.config;
         let device = (&id.user_id, &id.device_id);
         let rate = c.login_rate_per_device;
-        self.logins
+        self.device_logins
             .take(&device, now, rate, c.login_burst_per_device)
             .or_else(|| {
-                self.logins.take(
+                self.user_logins.take(
                     &id.user_id,
                     now,
                     c.login_rate_per_user,
                     c.login_burst_per_user,
                 )
             })
+    }
+
+    /// Sweeps the login buckets that have refilled, at most once a second (called by every
+    /// worker's timer step).
+    pub(crate) fn sweep_logins(&self) {
+        let now = self.clock.elapsed_ms();
+        let last = self.logins_swept.load(Ordering::Relaxed);
+        if now < last + 1_000 {
+            return;
+        }
+        let won =
+            self.logins_swept
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed);
+        if won.is_ok() {
+            let c = &self.config;
+            self.device_logins.sweep(now, c.login_rate_per_device);
+            self.user_logins.sweep(now, c.login_rate_per_user);
+        }
     }
 
     /// A connection from `ip` starts waiting for its login: `Ok(key)` to leave with, or the
@@ -503,7 +529,7 @@ impl Node {
 
     /// Login buckets that owe a token (memory follows the recent login rate).
     pub fn login_buckets(&self) -> usize {
-        self.logins.len()
+        self.device_logins.len() + self.user_logins.len()
     }
 
     /// The heartbeat interval for a platform.
@@ -568,8 +594,7 @@ impl Node {
         }
         let session = Arc::new(Session {
             id: sid,
-            user: Arc::from(id.user_id.as_str()),
-            device: id.device_id.into_boxed_str(),
+            names: Names::new(&id.user_id, &id.device_id),
             class: platform_class(platform),
             state: Mutex::new(SessionCore::new(conn, accept_gzip, platform, now)),
         });
@@ -598,19 +623,21 @@ impl Node {
             .insert_unique(h, session.clone(), |s| self.sessions.hash(&s.id));
         let mut victims = Vec::new();
         {
-            let h = self.users.hash(&*session.user);
+            let h = self.users.hash(session.user());
             let mut users = self.users.shard(h).lock();
-            let list = match users.find_mut(h, |l| l[0].user == session.user) {
+            let list = match users.find_mut(h, |l| l[0].user() == session.user()) {
                 Some(list) => list,
                 None => users
-                    .insert_unique(h, SmallVec::new(), |l| self.users.hash(&*l[0].user))
+                    .insert_unique(h, SmallVec::new(), |l| self.users.hash(l[0].user()))
                     .into_mut(),
             };
             let class = platform_class(platform);
             list.retain(|s| {
                 let replace = match self.config.multi_device {
-                    MultiDevice::PerDevice => s.device == session.device,
-                    MultiDevice::PerPlatformClass => s.device == session.device || s.class == class,
+                    MultiDevice::PerDevice => s.device() == session.device(),
+                    MultiDevice::PerPlatformClass => {
+                        s.device() == session.device() || s.class == class
+                    }
                     MultiDevice::Single => true,
                 };
                 if replace {
@@ -627,7 +654,7 @@ impl Node {
         self.metrics.sessions.inc();
         for (victim, reason) in victims {
             let carry = self.end(&victim, EndReason::Replaced(reason));
-            if let Some(carry) = carry.filter(|_| inherit && victim.device == session.device) {
+            if let Some(carry) = carry.filter(|_| inherit && victim.device() == session.device()) {
                 // The same device logging in again carries on with its rate bucket and its
                 // dedup window: a re-login neither refills the bucket nor forwards a resend
                 // again.
@@ -647,7 +674,7 @@ impl Node {
         device: &str,
     ) -> Option<crate::session::core::Snapshot> {
         let session = self.session(id)?;
-        if *session.user != *user || *session.device != *device {
+        if session.user() != user || session.device() != device {
             return None;
         }
         let mut snapshot = None;
@@ -676,8 +703,7 @@ impl Node {
         let rooms: Vec<Arc<str>> = core.rooms().to_vec();
         let session = Arc::new(Session {
             id,
-            user: Arc::from(identity.user_id.as_str()),
-            device: identity.device_id.as_str().into(),
+            names: Names::new(&identity.user_id, &identity.device_id),
             class: platform_class(platform),
             state: Mutex::new(core),
         });
@@ -685,12 +711,7 @@ impl Node {
         self.metrics.buffered.add(bytes as i64);
         self.register(&session, platform, false);
         for room in rooms {
-            self.rooms
-                .shard(&*room)
-                .lock()
-                .entry(room.clone())
-                .or_default()
-                .insert(session.id, session.clone());
+            self.room_insert_entry(room, &session);
         }
         Some(0)
     }
@@ -706,7 +727,7 @@ impl Node {
     ) -> Option<Bound> {
         let sid: SessionId = r.session_id.as_ref().try_into().ok()?;
         let session = self.session(&sid)?;
-        if *session.user != *id.user_id || *session.device != *id.device_id {
+        if session.user() != id.user_id || session.device() != id.device_id {
             return None;
         }
         let (resumed, info) = self.with_core(&session, |core| {
@@ -791,9 +812,9 @@ impl Node {
             }
         }
         {
-            let h = self.users.hash(&*session.user);
+            let h = self.users.hash(session.user());
             let mut users = self.users.shard(h).lock();
-            if let Ok(mut e) = users.find_entry(h, |l| l[0].user == session.user) {
+            if let Ok(mut e) = users.find_entry(h, |l| l[0].user() == session.user()) {
                 let list = e.get_mut();
                 list.retain(|s| !Arc::ptr_eq(s, session));
                 if list.is_empty() {
@@ -893,6 +914,15 @@ impl Node {
         }
     }
 
+    fn room_insert_entry(&self, room: Arc<str>, session: &Arc<Session>) {
+        self.rooms
+            .shard(&*room)
+            .lock()
+            .entry(room)
+            .or_default()
+            .insert(session.id, session.clone());
+    }
+
     fn room_remove_entry(&self, room: &str, id: &SessionId) {
         let mut rooms = self.rooms.shard(room).lock();
         if let Some(m) = rooms.get_mut(room) {
@@ -910,12 +940,7 @@ impl Node {
         if !session.state.lock().room_add(&room, &self.session_limits) {
             return false;
         }
-        self.rooms
-            .shard(&*room)
-            .lock()
-            .entry(room.clone())
-            .or_default()
-            .insert(session.id, session.clone());
+        self.room_insert_entry(room.clone(), session);
         // An `end` or a LEAVE may have run between the two steps: the registry must not keep
         // a member the session no longer lists.
         let still = {

@@ -33,11 +33,12 @@ pub use crate::session::downlink::Downlink;
 pub type SessionId = [u8; 16];
 
 /// A session as the back end sees it: values copied out of the gateway, to keep or send on.
+/// The user and device ids share one reference-counted string with the session's own copy
+/// (so an event costs no allocation): [`user`](Self::user), [`device`](Self::device).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
     pub id: SessionId,
-    pub user: Arc<str>,
-    pub device: Arc<str>,
+    pub names: Names,
     /// The platform of the latest login or resume.
     pub platform: Platform,
     /// The address of the connection that logged in or resumed: given with the events that
@@ -47,6 +48,48 @@ pub struct SessionInfo {
     pub peer: Option<SocketAddr>,
     /// Whether a connection is attached (false: detached, waiting for a resume).
     pub attached: bool,
+}
+
+impl SessionInfo {
+    pub fn user(&self) -> &str {
+        self.names.user()
+    }
+
+    pub fn device(&self) -> &str {
+        self.names.device()
+    }
+}
+
+/// A user id and a device id in one shared allocation.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Names {
+    both: Arc<str>,
+    user_len: u16,
+}
+
+impl Names {
+    /// Both ids (each at most [`crate::auth::MAX_ID_LEN`] bytes).
+    pub fn new(user: &str, device: &str) -> Names {
+        let user_len = u16::try_from(user.len()).expect("ids are at most MAX_ID_LEN bytes");
+        Names {
+            both: Arc::from([user, device].concat()),
+            user_len,
+        }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.both[..self.user_len as usize]
+    }
+
+    pub fn device(&self) -> &str {
+        &self.both[self.user_len as usize..]
+    }
+}
+
+impl std::fmt::Debug for Names {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.user(), self.device())
+    }
 }
 
 /// A LOGIN the authenticator accepted, for the back end to admit or refuse.

@@ -1145,6 +1145,7 @@ impl Worker {
 
     fn timers(&mut self, now: Tick) {
         self.node.expire_requests();
+        self.node.sweep_logins();
         let mut due = Vec::new();
         self.wheel.advance(now, |_, id| due.push(id));
         for id in due {

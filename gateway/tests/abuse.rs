@@ -520,6 +520,11 @@ fn logins_are_rate_limited_per_device_and_per_user() {
     assert_eq!(c.login("eve", "phone", None).code, ErrorCode::Ok as i32);
     // Refused logins ended nothing: eve's sessions are phone (the last), tablet, laptop.
     assert_eq!(g.node().user_sessions("eve").len(), 3);
+    // The buckets are forgotten once refilled: memory follows the login rate, not the
+    // number of devices that ever logged in.
+    assert!(g.node().login_buckets() > 0);
+    g.advance_clock(60);
+    eventually(|| g.node().login_buckets() == 0);
 }
 
 #[test]

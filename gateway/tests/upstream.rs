@@ -36,18 +36,18 @@ impl Upstream for Flaky {
     }
     fn session_opened(&self, _: &dyn Hub, s: &SessionInfo, _: &Bytes) {
         assert!(s.attached && s.peer.is_some());
-        self.event(format!("opened {} {}", s.user, s.device));
+        self.event(format!("opened {} {}", s.user(), s.device()));
     }
     fn session_attached(&self, _: &dyn Hub, s: &SessionInfo, _: &Bytes) {
         assert!(s.attached && s.peer.is_some());
-        self.event(format!("attached {}", s.user));
+        self.event(format!("attached {}", s.user()));
     }
     fn session_detached(&self, _: &dyn Hub, s: &SessionInfo) {
         assert!(!s.attached);
-        self.event(format!("detached {}", s.user));
+        self.event(format!("detached {}", s.user()));
     }
     fn session_ended(&self, _: &dyn Hub, s: &SessionInfo, reason: EndReason, _: &[Downlink]) {
-        self.event(format!("ended {} {}", s.user, reason.label()));
+        self.event(format!("ended {} {}", s.user(), reason.label()));
     }
     fn uplink(&self, _: &dyn Hub, _: &SessionInfo, u: Uplink, reply: Reply) {
         self.forwarded.fetch_add(1, Ordering::SeqCst);
@@ -326,7 +326,7 @@ fn past_the_per_user_limit_the_oldest_session_goes() {
         .node()
         .user_sessions("u")
         .iter()
-        .map(|s| s.device.to_string())
+        .map(|s| s.device().to_string())
         .collect();
     assert_eq!(devices, ["b", "c"]);
 }

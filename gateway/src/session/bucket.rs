@@ -53,11 +53,13 @@ impl TokenBucket {
     }
 }
 
-/// Token buckets by key (a hash), for limits on things that are not a session's: logins per
-/// device and per user. An entry exists only while its bucket owes something: a bucket that
-/// has refilled is the same as none, so a shard sweeps such entries out whenever it has
-/// doubled since its last sweep. Memory follows the recent rate of what is limited, not the
-/// number of keys ever seen.
+/// Token buckets by key (a hash), all with one rate, for limits on things that are not a
+/// session's: logins per device, logins per user. An entry exists only while its bucket owes
+/// something: a bucket that has refilled is the same as none, so a shard sweeps such entries
+/// out whenever it has doubled since its last sweep, and [`sweep`](Self::sweep) (the workers
+/// call it once a second) empties and shrinks what has refilled. Memory follows the recent
+/// rate of what is limited, not the number of keys ever seen (a login burst's table is gone a
+/// few seconds after it).
 #[derive(Debug)]
 pub struct BucketTable {
     shards: Box<[parking_lot::Mutex<Shard>]>,
@@ -113,6 +115,30 @@ impl BucketTable {
             .take(now_ms, rate, burst)
     }
 
+    /// Drops every bucket that has refilled by `now_ms` and gives back the room they took.
+    pub fn sweep(&self, now_ms: u64, rate: u32) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            if shard.buckets.is_empty() && shard.buckets.capacity() == 0 {
+                continue;
+            }
+            shard.buckets.retain(|_, b| !b.is_full(now_ms, rate));
+            let len = shard.buckets.len();
+            if shard.buckets.capacity() > 2 * len + MIN_SWEEP {
+                shard.buckets.shrink_to(2 * len);
+            }
+            shard.sweep_at = len * 2;
+        }
+    }
+
+    /// Bytes the table holds in its maps (capacity, not just entries).
+    pub fn capacity(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().buckets.capacity())
+            .sum()
+    }
+
     /// Keys with a bucket that owes something (or has not been swept yet).
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().buckets.len()).sum()
@@ -145,6 +171,10 @@ mod tests {
             t.take(&i, 1_000_000, 1, 3);
         }
         assert!(t.len() < 15_000, "{}", t.len());
+        // Once everything has refilled, a sweep empties the table and gives the room back.
+        t.sweep(10_000_000, 1);
+        assert_eq!(t.len(), 0);
+        assert!(t.capacity() <= 16 * 2 * 256, "{}", t.capacity());
     }
     #[test]
     fn the_bucket_allows_a_burst_then_the_rate() {
