@@ -90,7 +90,44 @@ pub struct Session {
     /// The platform class of the login that made it (for the `per-platform-class` policy,
     /// read under a registry shard lock, where a session lock must not be taken).
     class: u8,
+    /// The login buckets of its device and its user, as its latest login left them (read
+    /// under a registry shard lock, where the session lock must not be taken: atomics).
+    logins: AtomicLogins,
     pub(crate) state: Mutex<SessionCore>,
+}
+
+/// A login's buckets: its device's and its user's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Logins {
+    device: crate::session::bucket::TokenBucket,
+    user: crate::session::bucket::TokenBucket,
+}
+
+#[derive(Debug, Default)]
+struct AtomicLogins {
+    device: std::sync::atomic::AtomicU64,
+    user: std::sync::atomic::AtomicU64,
+}
+
+impl AtomicLogins {
+    fn new(l: Logins) -> AtomicLogins {
+        let a = AtomicLogins::default();
+        a.set(l);
+        a
+    }
+
+    fn set(&self, l: Logins) {
+        self.device.store(l.device.to_bits(), Ordering::Relaxed);
+        self.user.store(l.user.to_bits(), Ordering::Relaxed);
+    }
+
+    fn device(&self) -> crate::session::bucket::TokenBucket {
+        crate::session::bucket::TokenBucket::from_bits(self.device.load(Ordering::Relaxed))
+    }
+
+    fn user(&self) -> crate::session::bucket::TokenBucket {
+        crate::session::bucket::TokenBucket::from_bits(self.user.load(Ordering::Relaxed))
+    }
 }
 
 impl std::fmt::Debug for Session {
@@ -230,10 +267,6 @@ pub struct Node {
     session_count: AtomicUsize,
     draining: AtomicBool,
     pub(crate) stopped_workers: AtomicU32,
-    /// Login buckets per device, per user; when they were last swept (elapsed ms).
-    device_logins: crate::session::bucket::BucketTable,
-    user_logins: crate::session::bucket::BucketTable,
-    logins_swept: std::sync::atomic::AtomicU64,
     /// Connections awaiting login, in all and per source-address slot.
     prelogin: AtomicUsize,
     prelogin_by_ip: Box<[AtomicU32]>,
@@ -293,9 +326,6 @@ impl Node {
             session_count: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             stopped_workers: AtomicU32::new(0),
-            device_logins: Default::default(),
-            user_logins: Default::default(),
-            logins_swept: Default::default(),
             prelogin: AtomicUsize::new(0),
             prelogin_by_ip: (0..PRELOGIN_SLOTS).map(|_| AtomicU32::new(0)).collect(),
             ip_hasher: Default::default(),
@@ -443,40 +473,42 @@ impl Node {
         self.auth.authenticate(login, self.clock.unix_ms())
     }
 
-    /// Takes a login token for this device and this user. `Some(ms)`: refused (RATE_LIMITED),
-    /// retry after `ms`.
-    pub(crate) fn take_login(&self, id: &Identity) -> Option<u32> {
+    /// Takes a login token for this device and this user: `Ok` with the buckets the session
+    /// it binds will carry on, or `Err(ms)`: refused (RATE_LIMITED), retry after `ms`.
+    ///
+    /// The buckets live in the sessions, not in a table of their own: the newest session of
+    /// the device holds the device's, the newest of the user the user's, and each login
+    /// carries them on to the session it binds (or resumes). So they cost nothing beyond
+    /// the sessions (memory follows live and detached sessions), and a device or user with
+    /// no session left starts with a full bucket, which it can reach only by going quiet for
+    /// the grace period. Two logins at the same instant may both pass (each read the same
+    /// bucket): at most one extra.
+    pub(crate) fn take_login(&self, id: &Identity) -> Result<Logins, u32> {
         let now = self.clock.elapsed_ms();
         let c = &self.config;
-        let device = (&id.user_id, &id.device_id);
-        let rate = c.login_rate_per_device;
-        self.device_logins
-            .take(&device, now, rate, c.login_burst_per_device)
-            .or_else(|| {
-                self.user_logins.take(
-                    &id.user_id,
-                    now,
-                    c.login_rate_per_user,
-                    c.login_burst_per_user,
-                )
-            })
-    }
-
-    /// Sweeps the login buckets that have refilled, at most once a second (called by every
-    /// worker's timer step).
-    pub(crate) fn sweep_logins(&self) {
-        let now = self.clock.elapsed_ms();
-        let last = self.logins_swept.load(Ordering::Relaxed);
-        if now < last + 1_000 {
-            return;
+        let mut l = Logins::default();
+        {
+            let h = self.users.hash(id.user_id.as_str());
+            let users = self.users.shard(h).lock();
+            if let Some(list) = users.find(h, |l| l[0].user() == id.user_id) {
+                if let Some(s) = list.last() {
+                    l.user = s.logins.user();
+                }
+                if let Some(s) = list.iter().rev().find(|s| s.device() == id.device_id) {
+                    l.device = s.logins.device();
+                }
+            }
         }
-        let won =
-            self.logins_swept
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed);
-        if won.is_ok() {
-            let c = &self.config;
-            self.device_logins.sweep(now, c.login_rate_per_device);
-            self.user_logins.sweep(now, c.login_rate_per_user);
+        let device = l
+            .device
+            .take(now, c.login_rate_per_device, c.login_burst_per_device);
+        let user = || {
+            l.user
+                .take(now, c.login_rate_per_user, c.login_burst_per_user)
+        };
+        match device.or_else(user) {
+            Some(ms) => Err(ms),
+            None => Ok(l),
         }
     }
 
@@ -527,11 +559,6 @@ impl Node {
         self.prelogin.load(Ordering::SeqCst)
     }
 
-    /// Login buckets that owe a token (memory follows the recent login rate).
-    pub fn login_buckets(&self) -> usize {
-        self.device_logins.len() + self.user_logins.len()
-    }
-
     /// The heartbeat interval for a platform.
     pub fn heartbeat_ms(&self, platform: Platform) -> u32 {
         match platform {
@@ -563,9 +590,11 @@ impl Node {
     /// Binds an authenticated login on `conn` at `now` to a session: resumes the one it names
     /// if that is allowed (PROTOCOL.md §6.6), or makes a fresh one, replacing older sessions
     /// as the multi-device policy says.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn bind(
         &self,
         id: Identity,
+        logins: Logins,
         login: &pb::Login,
         login_body: &Bytes,
         conn: ConnRef,
@@ -577,6 +606,7 @@ impl Node {
         if let Some(r) = &login.resume {
             match self.try_resume(&id, r, conn, accept_gzip, platform, now) {
                 Some(b) => {
+                    b.session.logins.set(logins);
                     Metrics::inc(&self.metrics.resumes, "outcome", "resumed");
                     let info = b.session.info(&b.session.state.lock(), peer);
                     self.up("session_attached", |u, hub| {
@@ -596,6 +626,7 @@ impl Node {
             id: sid,
             names: Names::new(&id.user_id, &id.device_id),
             class: platform_class(platform),
+            logins: AtomicLogins::new(logins),
             state: Mutex::new(SessionCore::new(conn, accept_gzip, platform, now)),
         });
         self.register(&session, platform, true);
@@ -705,6 +736,7 @@ impl Node {
             id,
             names: Names::new(&identity.user_id, &identity.device_id),
             class: platform_class(platform),
+            logins: AtomicLogins::default(),
             state: Mutex::new(core),
         });
         let bytes = session.state.lock().downlink_state().1;

@@ -116,6 +116,7 @@ pub(crate) struct Worker {
 pub(crate) struct PendingLogin {
     pub(crate) conn: ConnRef,
     id: Identity,
+    logins: crate::node::Logins,
     login: Box<pb::Login>,
     body: Bytes,
     peer: Option<SocketAddr>,
@@ -721,10 +722,14 @@ impl Worker {
             Ok(id) => id,
             Err(e) => return self.refuse_login(slot, e.code, &e.message, e.reason, 0),
         };
-        if let Some(retry) = node.take_login(&id) {
-            let msg = "too many logins for this device or user";
-            return self.refuse_login(slot, ErrorCode::RateLimited, msg, "rate_limited", retry);
-        }
+        let logins = match node.take_login(&id) {
+            Ok(l) => l,
+            Err(retry) => {
+                let msg = "too many logins for this device or user";
+                let reason = "rate_limited";
+                return self.refuse_login(slot, ErrorCode::RateLimited, msg, reason, retry);
+            }
+        };
         let Some(e) = self.conns.get(slot) else {
             return;
         };
@@ -745,6 +750,7 @@ impl Worker {
         let pending = Box::new(PendingLogin {
             conn,
             id,
+            logins,
             login,
             body,
             peer,
@@ -867,11 +873,12 @@ impl Worker {
         let PendingLogin {
             conn,
             id,
+            logins,
             login,
             body,
             peer,
         } = p;
-        let bound = node.bind(id, &login, &body, conn, peer, now);
+        let bound = node.bind(id, logins, &login, &body, conn, peer, now);
         Metrics::inc(&node.metrics.logins, "result", "ok");
         if let Some(key) = self.prelogin.remove(&slot) {
             node.prelogin_leave(key);
@@ -1145,7 +1152,6 @@ impl Worker {
 
     fn timers(&mut self, now: Tick) {
         self.node.expire_requests();
-        self.node.sweep_logins();
         let mut due = Vec::new();
         self.wheel.advance(now, |_, id| due.push(id));
         for id in due {
