@@ -483,18 +483,18 @@ impl Node {
     /// no session left starts with a full bucket, which it can reach only by going quiet for
     /// the grace period. Two logins at the same instant may both pass (each read the same
     /// bucket): at most one extra.
-    pub(crate) fn take_login(&self, id: &Identity) -> Result<Logins, u32> {
+    pub(crate) fn take_login(&self, id: &Names) -> Result<Logins, u32> {
         let now = self.clock.elapsed_ms();
         let c = &self.config;
         let mut l = Logins::default();
         {
-            let h = self.users.hash(id.user_id.as_str());
+            let h = self.users.hash(id.user());
             let users = self.users.shard(h).lock();
-            if let Some(list) = users.find(h, |l| l[0].user() == id.user_id) {
+            if let Some(list) = users.find(h, |l| l[0].user() == id.user()) {
                 if let Some(s) = list.last() {
                     l.user = s.logins.user();
                 }
-                if let Some(s) = list.iter().rev().find(|s| s.device() == id.device_id) {
+                if let Some(s) = list.iter().rev().find(|s| s.device() == id.device()) {
                     l.device = s.logins.device();
                 }
             }
@@ -593,7 +593,7 @@ impl Node {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn bind(
         &self,
-        id: Identity,
+        id: Names,
         logins: Logins,
         login: &pb::Login,
         login_body: &Bytes,
@@ -624,7 +624,7 @@ impl Node {
         }
         let session = Arc::new(Session {
             id: sid,
-            names: Names::new(&id.user_id, &id.device_id),
+            names: id,
             class: platform_class(platform),
             logins: AtomicLogins::new(logins),
             state: Mutex::new(SessionCore::new(conn, accept_gzip, platform, now)),
@@ -722,7 +722,7 @@ impl Node {
     pub(crate) fn adopt(
         &self,
         id: SessionId,
-        identity: &Identity,
+        identity: &Names,
         snapshot: crate::session::core::Snapshot,
         now: Tick,
     ) -> Option<u32> {
@@ -734,7 +734,7 @@ impl Node {
         let rooms: Vec<Arc<str>> = core.rooms().to_vec();
         let session = Arc::new(Session {
             id,
-            names: Names::new(&identity.user_id, &identity.device_id),
+            names: identity.clone(),
             class: platform_class(platform),
             logins: AtomicLogins::default(),
             state: Mutex::new(core),
@@ -750,7 +750,7 @@ impl Node {
 
     fn try_resume(
         &self,
-        id: &Identity,
+        id: &Names,
         r: &pb::Resume,
         conn: ConnRef,
         accept_gzip: bool,
@@ -759,7 +759,7 @@ impl Node {
     ) -> Option<Bound> {
         let sid: SessionId = r.session_id.as_ref().try_into().ok()?;
         let session = self.session(&sid)?;
-        if session.user() != id.user_id || session.device() != id.device_id {
+        if session.user() != id.user() || session.device() != id.device() {
             return None;
         }
         let (resumed, info) = self.with_core(&session, |core| {

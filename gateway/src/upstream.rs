@@ -95,14 +95,25 @@ impl std::fmt::Debug for Names {
 /// A LOGIN the authenticator accepted, for the back end to admit or refuse.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginRequest {
-    pub user: Arc<str>,
-    pub device: Arc<str>,
+    /// The user and device ids ([`user`](Self::user), [`device`](Self::device)), shared
+    /// with the session the login makes.
+    pub names: Names,
     pub platform: Platform,
     pub peer: Option<SocketAddr>,
     /// The session the client asks to resume, if it asks (the gateway decides whether it can).
     pub resume: Option<SessionId>,
     /// The LOGIN frame's body as the client sent it (often empty).
     pub body: Bytes,
+}
+
+impl LoginRequest {
+    pub fn user(&self) -> &str {
+        self.names.user()
+    }
+
+    pub fn device(&self) -> &str {
+        self.names.device()
+    }
 }
 
 /// Who a push goes to.

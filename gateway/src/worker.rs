@@ -24,14 +24,13 @@ use slab::Slab;
 use tether_codec::{Decoder, Frame, Header};
 use tether_protocol::pb::{self, ErrorCode, KickReason, Platform};
 
-use crate::auth::Identity;
 use crate::conn::{Action, Conn, ConnConfig};
 use crate::handoff::ClaimJob;
 use crate::metrics::Metrics;
 use crate::node::{Cmd, ConnRef, Node, Session, SessionId};
 use crate::timer::{Tick, TimerWheel};
 use crate::transport::{self, Got, Tls, Transport, Wrote};
-use crate::upstream::{LoginRequest, Outcome, Reply, Uplink};
+use crate::upstream::{LoginRequest, Names, Outcome, Reply, Uplink};
 
 /// Bytes read from a socket per `read` call (one buffer per worker).
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -115,7 +114,7 @@ pub(crate) struct Worker {
 #[derive(Debug)]
 pub(crate) struct PendingLogin {
     pub(crate) conn: ConnRef,
-    id: Identity,
+    id: Names,
     logins: crate::node::Logins,
     login: Box<pb::Login>,
     body: Bytes,
@@ -719,7 +718,7 @@ impl Worker {
             return self.refuse_login(slot, ErrorCode::Draining, msg, "draining", retry);
         }
         let id = match node.authenticate(&login) {
-            Ok(id) => id,
+            Ok(id) => Names::new(&id.user_id, &id.device_id),
             Err(e) => return self.refuse_login(slot, e.code, &e.message, e.reason, 0),
         };
         let logins = match node.take_login(&id) {
@@ -737,8 +736,7 @@ impl Worker {
         let peer = e.stream.peer_addr().ok();
         let platform = Platform::try_from(login.platform).unwrap_or(Platform::Unspecified);
         let request = LoginRequest {
-            user: Arc::from(id.user_id.as_str()),
-            device: Arc::from(id.device_id.as_str()),
+            names: id.clone(),
             platform,
             peer,
             resume: login
@@ -818,7 +816,7 @@ impl Worker {
             let sid = asked.and_then(|r| SessionId::try_from(r.session_id.as_ref()).ok());
             if let Some(sid) = sid.filter(|sid| node.session(sid).is_none()) {
                 if let Some(owner) = h.siblings.owner(&sid) {
-                    let (user, device) = (p.id.user_id.clone(), p.id.device_id.clone());
+                    let (user, device) = (p.id.user().to_owned(), p.id.device().to_owned());
                     h.claim(ClaimJob {
                         owner,
                         worker: self.id,

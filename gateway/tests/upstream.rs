@@ -31,7 +31,7 @@ impl Upstream for Flaky {
     fn login(&self, _: &dyn Hub, l: &LoginRequest, reply: Reply) {
         let resume = if l.resume.is_some() { " resume" } else { "" };
         assert!(l.peer.is_some_and(|p| p.ip().is_loopback()));
-        self.event(format!("login {} {}{resume}", l.user, l.device));
+        self.event(format!("login {} {}{resume}", l.user(), l.device()));
         reply.ok()
     }
     fn session_opened(&self, _: &dyn Hub, s: &SessionInfo, _: &Bytes) {
@@ -450,7 +450,7 @@ impl Upstream for Doorman {
         self.logins
             .lock()
             .unwrap()
-            .push((l.user.to_string(), reply));
+            .push((l.user().to_string(), reply));
     }
     fn session_opened(&self, _: &dyn Hub, _: &SessionInfo, _: &Bytes) {
         self.opened.fetch_add(1, Ordering::SeqCst);
