@@ -1,5 +1,6 @@
-//! Races seen from outside, through sockets: two (or a few) logins of one device at once, a resume
-//! racing its own grace-period expiry, a ROOM_JOIN racing the end of its session. Each case
+//! Races seen from outside, through sockets: two (or a few) logins of one device at once, a
+//! resume racing its own grace-period expiry, a ROOM_JOIN racing the end of its session (and
+//! an UPLINK racing it, which measures an open finding of the session fuzz target). Each case
 //! runs many short rounds with a seeded schedule (which step goes first, and a spin of a
 //! seeded length between the two racing steps) and asserts, every round, the outcome that
 //! must hold whichever step won.
@@ -509,4 +510,83 @@ fn a_room_join_racing_the_end_of_its_session_leaves_no_member_behind() {
     }
     eprintln!("{rounds} rounds: the join was answered OK first {joined_first} times, the end came first {ended_first} times");
     assert_eq!(node.session_count(), 0);
+}
+
+/// Beyond the three races asked for: what the fuzz target's "an ended core takes uplinks"
+/// means through sockets. An uplink racing a kick is acked and delivered, or not delivered
+/// (no ack, or a refusal); never acked and lost. Measured at 900 rounds: delivered without an
+/// ack in 248-249 (27 %); with the core refusing uplinks once ended (a local change, not
+/// committed) in 24-45 (3-5 %), the by-design rest.
+#[test]
+fn an_uplink_racing_the_end_of_its_session_is_acked_or_not_delivered() {
+    let rounds = rounds(300);
+    let (g, _chat) = start_chat(|c| c.uplink_rate = 0);
+    let node = g.node();
+    let addr = g.addrs()[0];
+    let mut dave = Raw::connect(addr);
+    let r = login(&mut dave, "dave", None);
+    let dave_s = node.session(&sid(&r.session_id)).expect("dave's session");
+    let mut rng = xorshift(0xDA7E_0004);
+    let (mut acked, mut dropped, mut unacked_delivered) = (0, 0, 0);
+    for round in 0..rounds {
+        let user = format!("e{round}");
+        let mut erin = Raw::connect(addr);
+        login(&mut erin, &user, None);
+        let up = bytes_of(&Frame::with_body(
+            Header::Uplink(pb::Uplink {
+                msg_id: 1,
+                body_type: 0,
+            }),
+            chat_to_user("dave", &format!("{round}")),
+        ));
+        let before = dave_s.downlink_state().2;
+        let (skew, end_first) = (rng.next().unwrap() % 60_000, rng.next().unwrap() & 1 == 1);
+        race(
+            skew,
+            end_first,
+            || erin.send_bytes(&up),
+            || {
+                node.kick_user(&user, KickReason::Admin);
+            },
+        );
+        // Erin's connection ends; whatever of it the gateway read was handled before that
+        // (the embedded back end delivers within the uplink call).
+        let frames = erin.until_closed();
+        let ack = frames.iter().find_map(|f| match &f.header {
+            Header::UplinkAck(a) => Some(a.code),
+            _ => None,
+        });
+        let delivered = dave_s.downlink_state().2 > before;
+        if delivered {
+            let (seq, body) = downlink(&mut dave, "dave");
+            assert_eq!(text_of(&body), format!("{round}"));
+            dave.ack(seq);
+        }
+        match (ack, delivered) {
+            (Some(0), true) => acked += 1,
+            (None, false) => dropped += 1,
+            (Some(code), false) if code != 0 => dropped += 1, // refused: fine too
+            (None, true) => {
+                // Delivered, and its sender never hears: it sends it again on its next
+                // session, which forwards it again (dave gets it twice). Mostly the open
+                // finding (fuzz/regressions/session/README.md, 2: the session had ended and
+                // its core still forwarded the uplink); the rest is the end landing while the
+                // back end held the uplink (by design the answer has no link to go to, and
+                // the resend is forwarded again: an upstream is to dedup by msg_id, the
+                // embedded one does not). Counted; TETHER_RACE_STRICT=1 fails on it.
+                assert!(
+                    !strict(),
+                    "round {round}: delivered to dave, never acked to its sender"
+                );
+                unacked_delivered += 1;
+            }
+            other => panic!("round {round}: (UPLINK_ACK code, delivered) = {other:?}"),
+        }
+    }
+    eprintln!(
+        "{rounds} rounds: acked and delivered {acked}, not delivered (no ack, or a refusal) {dropped}, delivered without \
+         an ack {unacked_delivered}"
+    );
+    alive(&mut dave, "dave");
+    assert_eq!(node.session_count(), 1);
 }
