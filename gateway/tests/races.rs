@@ -27,13 +27,13 @@
 //! tolerated (counted, and checked to reach the next fresh login) by default.
 //!
 //! What each case catches, checked by breaking its guard in a scratch copy (not committed),
-//! at the default rounds: the logins case fails (rounds 14, 38, 68, 107 in four runs) when
-//! `bind` puts the new session in the id map after the user's list instead of before (a
-//! replaced session leaks in the id map); the resume case fails (rounds 1, 2) when `expire`
-//! ends the session without checking it is still in the detach epoch (a resumed session is
-//! ended by its old grace period); the room case fails (rounds 0, 1, 5) when the core's
-//! `room_add` takes an ended session and the node's re-check after the registry insert is
-//! gone. What they do not catch, even at 30 times the rounds: a check-then-act split of
+//! at the default rounds, on c0740a5 and again on 73d6ada: the logins case fails (rounds 2 to
+//! 107 over seven runs) when the new session goes in the id map after the user's list instead
+//! of before (a replaced session leaks in the id map); the resume case fails (rounds 1 and 2)
+//! when `expire` ends the session without checking it is still in the detach epoch (a resumed
+//! session is ended by its old grace period); the room case fails (rounds 0 to 5) when the
+//! core's `room_add` takes an ended session and the node's re-check after the registry insert
+//! is gone. What they do not catch, even at 30 times the rounds: a check-then-act split of
 //! `bind`'s user-list update into two lock scopes, an `expire` that checks the epoch under one
 //! lock and ends under another, and either room guard alone (the core's refusal covers every
 //! join answered after the end; the node's re-check covers those and a ~100 ns window besides):
@@ -508,7 +508,10 @@ fn a_room_join_racing_the_end_of_its_session_leaves_no_member_behind() {
         }
         assert!(node.user_sessions(&user).is_empty());
     }
-    eprintln!("{rounds} rounds: the join was answered OK first {joined_first} times, the end came first {ended_first} times");
+    eprintln!(
+        "{rounds} rounds: the join was answered OK first {joined_first} times, the end came \
+         first {ended_first} times"
+    );
     assert_eq!(node.session_count(), 0);
 }
 
@@ -584,8 +587,8 @@ fn an_uplink_racing_the_end_of_its_session_is_acked_or_not_delivered() {
         }
     }
     eprintln!(
-        "{rounds} rounds: acked and delivered {acked}, not delivered (no ack, or a refusal) {dropped}, delivered without \
-         an ack {unacked_delivered}"
+        "{rounds} rounds: acked and delivered {acked}, not delivered (no ack, or a refusal) \
+         {dropped}, delivered without an ack {unacked_delivered}"
     );
     alive(&mut dave, "dave");
     assert_eq!(node.session_count(), 1);
