@@ -128,6 +128,7 @@ CLOSE, RESUME, RESUME_NO_GZIP, RESUME_ALL = [7, 0], [8, 0, 0], [8, 0x20, 0], [8,
 UPLINK, UPLINK_AGAIN, ANSWER_OK, ANSWER_TIMEOUT = [9, 2, 3], [9, 2, 3], [11, 0, 0], [11, 0, 3]
 JOIN, LEAVE, ROOM_OK, ROOM_ADD = [12, 0x05, 0], [12, 0x04, 0], [13, 0x00], [13, 0x0A]
 END, PING, CLOCK_S, CLOCK_HB = [14, 0], [14, 1, 0, 2], [15, 1, 5], [15, 2]
+HANDOFF = [14, 4]
 seeds = {
     "settings_only": [],
     "push_send_ack": [PUSH, PUSH, PUSH_TRANSIENT, SEND, ACK, PUSH, SEND, ACK, END],
@@ -138,6 +139,7 @@ seeds = {
                 [9, 2, 4], END, UPLINK],
     "rooms": [JOIN, ROOM_OK, [12, 0x09, 0], ROOM_OK, LEAVE, ROOM_OK, ROOM_ADD, END, JOIN, ROOM_OK],
     "heartbeat_timeout": [PUSH, SEND, CLOCK_HB, PING, PUSH, RESUME_ALL, SEND, END],
+    "handoff": [PUSH, SEND, UPLINK, CLOSE, PUSH, HANDOFF, RESUME, ANSWER_OK, SEND, ACK, END],
 }
 for name, ops in seeds.items():
     put("session", name, settings + bytes(b for op in ops for b in op))

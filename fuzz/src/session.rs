@@ -23,7 +23,9 @@
 //! - the buffer stays within its frames and bytes bounds (one downlink of any size is taken
 //!   into an empty buffer, by design), rooms within `max_rooms`, uplinks in flight within the
 //!   dedup window, accepted uplinks and room requests within the rate bucket;
-//! - an ended core accepts nothing: no push, ack, resume, detach, transmit, room, uplink.
+//! - an ended core accepts nothing: no push, ack, resume, detach, transmit, room, uplink;
+//! - a handoff (`snapshot`, then `restore` on a sibling process) keeps everything, and the
+//!   restored core goes on as the model says.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -48,15 +50,21 @@ pub struct Strict {
     /// Generate gzip bodies whose plain form does not fit a frame (accepted, then never
     /// written after a resume without gzip: the session is stuck at that seq).
     pub gzip: bool,
+    /// A restored core must remember what was sent before the move (§6.6: a resume's
+    /// `last_seq` above it counts as it). It does not: `restore` takes the last seq pushed as
+    /// sent, so such a resume releases downlinks that were held, never sent.
+    pub restore: bool,
 }
 
 impl Strict {
     pub const ALL: Strict = Strict {
         ended: true,
         gzip: true,
+        restore: true,
     };
 
-    /// From `TETHER_FUZZ_STRICT`: `1` or `all`, or a comma-separated list of `ended`, `gzip`.
+    /// From `TETHER_FUZZ_STRICT`: `1` or `all`, or a comma-separated list of `ended`, `gzip`,
+    /// `restore`.
     pub fn from_env() -> Strict {
         let v = std::env::var("TETHER_FUZZ_STRICT").unwrap_or_default();
         let all = v == "1" || v == "all";
@@ -64,6 +72,7 @@ impl Strict {
         Strict {
             ended: has("ended"),
             gzip: has("gzip"),
+            restore: has("restore"),
         }
     }
 }
@@ -153,6 +162,8 @@ struct Harness {
     transient: Vec<(u32, bool, Bytes, Bytes)>,
     rooms: Vec<String>,
     in_flight: Vec<u64>,
+    /// Uplinks in flight when the core forgot them (a handoff): their answers change nothing.
+    orphans: Vec<u64>,
     answered: HashMap<u64, ErrorCode>,
     /// Uplinks and room requests the bucket let through, by gateway ms.
     takes: Vec<u64>,
@@ -262,6 +273,7 @@ impl Harness {
             transient: Vec::new(),
             rooms: Vec::new(),
             in_flight: Vec::new(),
+            orphans: Vec::new(),
             answered: HashMap::new(),
             takes: Vec::new(),
             pending_rooms: Vec::new(),
@@ -738,19 +750,40 @@ impl Harness {
                 ErrorCode::Internal,
             ],
         );
+        if b & 0x80 == 0x80 && !self.orphans.is_empty() {
+            // A late answer to an uplink forwarded before the core ended: it reaches the
+            // ended core, whose window knows that id only if it was forwarded again since.
+            let msg_id = self.orphans.remove(b as usize % self.orphans.len());
+            self.core.uplink_answered(msg_id, code);
+            let flying = self.in_flight.iter().position(|&m| m == msg_id);
+            if let Some(i) = flying {
+                self.in_flight.remove(i);
+            }
+            self.record(msg_id, code, flying.is_none());
+            return;
+        }
         if self.in_flight.is_empty() {
             return;
         }
         let msg_id = self.in_flight.remove(b as usize % self.in_flight.len());
         self.core.uplink_answered(msg_id, code);
+        self.record(msg_id, code, false);
+    }
+
+    /// What an answer does to the window, by id (`late`: the id was not in flight; the window
+    /// changes only an answered entry of it).
+    fn record(&mut self, msg_id: u64, code: ErrorCode, late: bool) {
         match code {
             ErrorCode::UpstreamUnavailable
             | ErrorCode::UpstreamTimeout
-            | ErrorCode::RateLimited => {}
-            _ if self.limits.dedup_window > 0 => {
+            | ErrorCode::RateLimited => {
+                self.answered.remove(&msg_id);
+            }
+            _ if self.limits.dedup_window == 0 => {}
+            _ if late && !self.answered.contains_key(&msg_id) => {}
+            _ => {
                 self.answered.insert(msg_id, code);
             }
-            _ => {}
         }
     }
 
@@ -841,13 +874,53 @@ impl Harness {
                 );
             }
         }
-        self.in_flight.clear();
+        self.orphans.append(&mut self.in_flight);
         self.answered.clear();
         self.bytes = 0;
         self.rooms.clear();
         self.transient.clear();
         self.flush_queued = false;
         self.link = MLink::Ended;
+    }
+
+    /// The session moves to a sibling process (`--processes`, handoff): snapshot, then a core
+    /// restored from it, detached (epoch 0), waiting for its resume there. The connections are
+    /// the old process's (they get KICK RESUMED_ELSEWHERE there): gone from here.
+    fn handoff(&mut self) {
+        if self.link == MLink::Ended {
+            return;
+        }
+        let snap = self.core.snapshot();
+        assert_eq!(
+            (snap.last_seq, snap.acked, snap.lost),
+            (self.last_seq, self.acked, None)
+        );
+        let unacked: Vec<u64> = snap.unacked.iter().map(|d| d.seq).collect();
+        let want: Vec<u64> = self.buf.iter().map(|e| e.seq).collect();
+        assert_eq!(unacked, want, "a snapshot's unacked downlinks");
+        assert_eq!(snap.rooms, self.rooms, "a snapshot's rooms");
+        for (id, code) in &snap.dedup {
+            assert_eq!(self.answered.get(id), Some(code), "snapshot of uplink {id}");
+            assert!(!self.in_flight.contains(id));
+        }
+        let now = self.now();
+        self.core = SessionCore::restore(snap.clone(), now);
+        assert_eq!(self.core.snapshot(), snap, "a restore keeps everything");
+        self.answered = snap.dedup.iter().copied().collect();
+        // Answers to what was in flight go to the old process's (ended) session.
+        self.in_flight.clear();
+        self.orphans.clear();
+        self.link = MLink::Detached(0);
+        self.epoch = 0;
+        if !self.strict.restore {
+            // What the core does today (see `Strict::restore`).
+            self.sent = self.last_seq;
+        }
+        self.flush_queued = false;
+        self.transient.clear();
+        self.progress_at = now;
+        self.wires.clear();
+        self.order.clear();
     }
 
     fn clock(&mut self, input: &mut Input) {
@@ -1030,8 +1103,11 @@ impl Harness {
                 }
             }
             14 => {
-                if input.u8() % 4 == 0 {
+                let b = input.u8();
+                if b % 8 == 0 {
                     self.end()
+                } else if b % 8 == 4 {
+                    self.handoff()
                 } else if let Some(c) = self.conn_at(input.u8()) {
                     // Life on the connection, or a client breaking the rules (a second
                     // LOGIN, a gateway kind): closed by its Conn.
