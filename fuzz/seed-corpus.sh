@@ -7,6 +7,8 @@
 #   gunzip             the body of every frame whose gzip flag is set, plus a few gzip members
 #                      made here (empty, stored, fixed and dynamic Huffman, a bomb, cut short)
 #   batch              count (u32 LE), flags (bit 0 gzip, bit 1 count as is), body of every BATCH
+#   session            not from the vectors: a few operation sequences written here (settings,
+#                      then ops; see fuzz/src/session.rs)
 #
 # Idempotent (files are named after the vectors); corpus/ is not committed. With no vectors it
 # still seeds every target with a PING, so a fuzz run never starts from nothing.
@@ -16,7 +18,7 @@ python3 - "$here" <<'PY'
 import gzip, json, pathlib, sys, zlib
 
 here = pathlib.Path(sys.argv[1])
-targets = ["decode", "decode_chunked", "roundtrip", "gunzip", "batch"]
+targets = ["decode", "decode_chunked", "roundtrip", "gunzip", "batch", "session"]
 for t in targets:
     (here / "corpus" / t).mkdir(parents=True, exist_ok=True)
 
@@ -115,6 +117,32 @@ put("gunzip", "cut_short", raw_gzip(deflate(9))[:-6])
 put("gunzip", "trailing_byte", raw_gzip(deflate(9)) + b"\x00")
 put("gunzip", "bomb_1mib", gzip.compress(bytes(1 << 20), compresslevel=9, mtime=0))
 put("gunzip", "two_members", gzip.compress(b"a", mtime=0) + gzip.compress(b"b", mtime=0))
+
+# session: 12 bytes of settings (codec limits, max_frames, max_bytes, dedup window, rate, burst,
+# max_transient, max_rooms, slow-consumer secs, flags, start time), then operations as
+# fuzz/src/session.rs's Harness::step reads them.
+settings = bytes([4, 4, 6, 3, 2, 2, 2, 2, 1, 0x02, 0x10, 0x00])
+PUSH, PUSH_TRANSIENT, PUSH_GZIP = [0, 0x00, 0, 20], [0, 0x01, 0, 9], [0, 0x04, 100, 200]
+SEND, SEND_LOST, ACK, ACK_OLD = [5, 0], [6, 0x83], [3, 0, 0], [3, 2, 1]
+CLOSE, RESUME, RESUME_NO_GZIP, RESUME_ALL = [7, 0], [8, 0, 0], [8, 0x20, 0], [8, 4, 0]
+UPLINK, UPLINK_AGAIN, ANSWER_OK, ANSWER_TIMEOUT = [9, 2, 3], [9, 2, 3], [11, 0, 0], [11, 0, 3]
+JOIN, LEAVE, ROOM_OK, ROOM_ADD = [12, 0x05, 0], [12, 0x04, 0], [13, 0x00], [13, 0x0A]
+END, PING, CLOCK_S, CLOCK_HB = [14, 0], [14, 1, 0, 2], [15, 1, 5], [15, 2]
+HANDOFF = [14, 4]
+seeds = {
+    "settings_only": [],
+    "push_send_ack": [PUSH, PUSH, PUSH_TRANSIENT, SEND, ACK, PUSH, SEND, ACK, END],
+    "detach_resume_replay": [PUSH, PUSH, SEND, CLOSE, PUSH, RESUME, SEND, ACK, END],
+    "resume_while_attached": [PUSH, PUSH_GZIP, SEND_LOST, RESUME_NO_GZIP, ACK_OLD, SEND, CLOSE, END],
+    "full_buffer_slow": [PUSH] * 6 + [SEND, CLOCK_S, PUSH, ACK, PUSH, END],
+    "uplinks": [UPLINK, UPLINK_AGAIN, ANSWER_OK, UPLINK_AGAIN, [9, 2, 4], ANSWER_TIMEOUT,
+                [9, 2, 4], END, UPLINK],
+    "rooms": [JOIN, ROOM_OK, [12, 0x09, 0], ROOM_OK, LEAVE, ROOM_OK, ROOM_ADD, END, JOIN, ROOM_OK],
+    "heartbeat_timeout": [PUSH, SEND, CLOCK_HB, PING, PUSH, RESUME_ALL, SEND, END],
+    "handoff": [PUSH, SEND, UPLINK, CLOSE, PUSH, HANDOFF, RESUME, ANSWER_OK, SEND, ACK, END],
+}
+for name, ops in seeds.items():
+    put("session", name, settings + bytes(b for op in ops for b in op))
 
 counts = {t: len(list((here / "corpus" / t).iterdir())) for t in targets}
 print(f"seeded from {len(vectors)} vectors: " + ", ".join(f"{t} {n}" for t, n in counts.items()))

@@ -5,14 +5,14 @@
 #
 #   FUZZ_SECONDS=60 bash fuzz/smoke.sh [target ...]
 #
-# One fuzzer at a time (the CI machine has 2 cores). With FUZZ_SECONDS=30: about 45 s to
-# build from clean, then 5 x 30 s.
+# One fuzzer at a time (the CI machine has 2 cores). With FUZZ_SECONDS=30: a few minutes to
+# build from clean (the session target builds the gateway), then 6 x 30 s.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 seconds="${FUZZ_SECONDS:-30}"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decode decode_chunked gunzip roundtrip batch)
+[ ${#targets[@]} -gt 0 ] || targets=(decode decode_chunked gunzip roundtrip batch session)
 start=$(date +%s)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -17,6 +17,9 @@ fn every_kept_fuzz_input_passes_its_targets_checks() {
             continue;
         }
         let target = dir.file_name().unwrap().to_str().unwrap().to_owned();
+        if target == "session" {
+            continue; // the gateway's session core: gateway/tests/fuzz_session.rs replays these
+        }
         let check: fn(&[u8]) = match target.as_str() {
             "decode" => checks::decode,
             "decode_chunked" => checks::decode_chunked,

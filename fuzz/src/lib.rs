@@ -1,2 +1,3 @@
 //! Shared checks of the fuzz targets (see `checks.rs`).
 pub mod checks;
+pub mod session;
