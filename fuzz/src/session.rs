@@ -40,10 +40,10 @@ use tether_gateway::session::downlink::DownlinkLimits;
 use tether_gateway::timer::Tick;
 use tether_protocol::pb::{self, ErrorCode, Platform};
 
-/// What is known to be broken and not fixed yet, checked only when asked for
-/// (`fuzz/regressions/session/README.md`, "Open"). Off by default, so that the target keeps
-/// hunting for anything else and CI's smoke run stays green until the core is fixed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Checks of what was found broken (`fuzz/regressions/session/README.md`): all on by default
+/// since the session core was fixed (2026-12-02); `TETHER_FUZZ_STRICT=0` turns them off, a
+/// comma-separated list of `ended`, `gzip`, `restore` keeps only those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Strict {
     /// An ended core must take no uplink and no room request (it does).
     pub ended: bool,
@@ -56,6 +56,12 @@ pub struct Strict {
     pub restore: bool,
 }
 
+impl Default for Strict {
+    fn default() -> Strict {
+        Strict::ALL
+    }
+}
+
 impl Strict {
     pub const ALL: Strict = Strict {
         ended: true,
@@ -63,11 +69,11 @@ impl Strict {
         restore: true,
     };
 
-    /// From `TETHER_FUZZ_STRICT`: `1` or `all`, or a comma-separated list of `ended`, `gzip`,
-    /// `restore`.
+    /// From `TETHER_FUZZ_STRICT`: unset, `1` or `all`: all; `0` or `none`: none; or a
+    /// comma-separated list of `ended`, `gzip`, `restore`.
     pub fn from_env() -> Strict {
         let v = std::env::var("TETHER_FUZZ_STRICT").unwrap_or_default();
-        let all = v == "1" || v == "all";
+        let all = v.is_empty() || v == "1" || v == "all";
         let has = |w: &str| all || v.split(',').any(|x| x.trim() == w);
         Strict {
             ended: has("ended"),
@@ -486,7 +492,9 @@ impl Harness {
         let refused = |r| (Delivery::Refused(r), None, None);
         let (n, bytes) = (self.buf.len(), self.bytes);
         let lim = self.limits.downlink;
-        let expected = if stored.len() > self.limits.max_body {
+        // The plain body must fit too (a later connection without gzip is sent it).
+        let too_large = stored.len() > self.limits.max_body || plain.len() > self.limits.max_body;
+        let expected = if too_large {
             refused(Refusal::TooLarge)
         } else if self.link == MLink::Ended {
             refused(Refusal::Ended)
@@ -678,6 +686,14 @@ impl Harness {
                 "an ended core took uplink {msg_id}: {v:?}"
             );
         }
+        if v == Verdict::Ended {
+            assert_eq!(
+                self.link,
+                MLink::Ended,
+                "uplink {msg_id}: Ended from a live core"
+            );
+            return;
+        }
         if msg_id == 0 {
             assert_eq!(v, Verdict::Ack(ErrorCode::Rejected, 0));
             return;
@@ -715,6 +731,7 @@ impl Harness {
                 );
             }
             Verdict::Ack(code, wait) => panic!("uplink {msg_id}: {code:?} retry {wait}"),
+            Verdict::Ended => unreachable!("returned above"),
         }
     }
 
@@ -806,6 +823,13 @@ impl Harness {
                 self.take(); // the bucket is asked first
             }
             Err((ErrorCode::RateLimited, wait)) => assert!(wait >= 1),
+            Err((ErrorCode::NotLoggedIn, 0)) => {
+                assert_eq!(
+                    self.link,
+                    MLink::Ended,
+                    "a live core refused a room request"
+                )
+            }
             Err(e) => panic!("room request: {e:?}"),
         }
     }

@@ -116,6 +116,8 @@ struct Handed {
     accept_gzip: bool,
     #[prost(int32, tag = "11")]
     platform: i32,
+    #[prost(uint64, tag = "12")]
+    sent: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -146,6 +148,7 @@ impl Handed {
         Handed {
             found: true,
             last_seq: s.last_seq,
+            sent: s.sent,
             acked: s.acked,
             unacked: s
                 .unacked
@@ -178,6 +181,7 @@ impl Handed {
     fn into_snapshot(self, now_ms: u64) -> Snapshot {
         Snapshot {
             last_seq: self.last_seq,
+            sent: self.sent,
             acked: self.acked,
             unacked: self
                 .unacked

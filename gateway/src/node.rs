@@ -1132,6 +1132,8 @@ impl Node {
                 self.metrics.uplink_duplicates.inc();
                 None
             }
+            // Its KICK or close is on the way; the client resends on its next session.
+            Verdict::Ended => None,
             Verdict::Ack(code, retry_after_ms) => {
                 // A resend answered from the window (rate-limited and msg_id 0 are not).
                 if code != ErrorCode::RateLimited && uplink.msg_id != 0 {
@@ -1195,6 +1197,10 @@ impl Node {
         let now_ms = self.clock.elapsed_ms();
         let (checked, info) = {
             let mut core = session.state.lock();
+            if core.is_ended() {
+                // Its KICK or close is on the way: no answer (the client asks again).
+                return None;
+            }
             let c = core.handle_room_request(join, &room, now_ms, &self.session_limits);
             (c, session.info(&core, None))
         };

@@ -3,9 +3,9 @@
 //! `fuzz/regressions/session/`, then 500 inputs from a fixed xorshift seed (short
 //! and long ones), so the model and the invariants run on every test run.
 //!
-//! The inputs named `open-*` reproduce findings not fixed yet: they pass the default checks
-//! and fail the strict ones (`cargo test -p tether-gateway --test fuzz_session -- --ignored`
-//! fails until the session core is fixed; see `fuzz/regressions/session/README.md`).
+//! The inputs named `open-*` reproduce the findings that were open until the session core was
+//! fixed (2026-12-02; `fuzz/regressions/session/README.md`): they must pass the strict checks,
+//! which are now the default.
 
 mod common;
 
@@ -42,10 +42,9 @@ fn every_kept_session_input_passes_the_checks() {
     }
 }
 
-/// Fails while the findings are open: remove `#[ignore]` with the fix.
+/// Failed while the findings were open (before the session core's fixes).
 #[test]
-#[ignore = "open findings in the session core (fuzz/regressions/session/README.md)"]
-fn open_findings_pass_the_strict_checks() {
+fn the_findings_once_open_pass_the_strict_checks() {
     let mut failed = Vec::new();
     for (name, data) in kept().into_iter().filter(|(n, _)| n.starts_with("open-")) {
         let outcome =

@@ -149,6 +149,9 @@ pub enum Verdict {
     Wait,
     /// Ack now with this code (and `retry_after_ms`).
     Ack(ErrorCode, u32),
+    /// The session has ended (its connection is being kicked): not forwarded, not answered;
+    /// the client resends it on its next session.
+    Ended,
 }
 
 /// What a resume found.
@@ -187,6 +190,8 @@ pub struct Carry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub last_seq: u64,
+    /// The highest seq written to a connection (a resume's `last_seq` past it counts as it).
+    pub sent: u64,
     pub acked: u64,
     pub unacked: Vec<Downlink>,
     pub lost: Option<(u64, u64)>,
@@ -384,7 +389,10 @@ impl SessionCore {
             Some(b) if self.accept_gzip => (true, b),
             _ => (false, push.plain),
         };
-        if body.len() > limits.max_body {
+        // The plain body too: a later connection that does not take gzip is sent that (found
+        // by the session fuzz target: a body that fitted only gzipped stuck the session at its
+        // seq after a resume without gzip).
+        if body.len() > limits.max_body || push.plain.len() > limits.max_body {
             return refused(Refusal::TooLarge);
         }
         let conn = match self.link {
@@ -467,6 +475,9 @@ impl SessionCore {
 
     /// An UPLINK at `now_ms` (gateway milliseconds).
     pub fn handle_uplink(&mut self, msg_id: u64, now_ms: u64, limits: &SessionLimits) -> Verdict {
+        if self.is_ended() {
+            return Verdict::Ended;
+        }
         if msg_id == 0 {
             return Verdict::Ack(ErrorCode::Rejected, 0);
         }
@@ -509,6 +520,9 @@ impl SessionCore {
         now_ms: u64,
         limits: &SessionLimits,
     ) -> Result<(), (ErrorCode, u32)> {
+        if self.is_ended() {
+            return Err((ErrorCode::NotLoggedIn, 0));
+        }
         if let Some(wait) = self
             .bucket
             .take(now_ms, limits.uplink_rate, limits.uplink_burst)
@@ -639,6 +653,7 @@ impl SessionCore {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             last_seq: self.downlink.last_seq(),
+            sent: self.sent,
             acked: self.downlink.acked(),
             unacked: self.downlink.iter().cloned().collect(),
             lost: self.downlink.lost(),
@@ -650,17 +665,18 @@ impl SessionCore {
         }
     }
 
-    /// A session restored from a snapshot: detached (epoch 0), waiting for its resume.
-    /// Everything unacked in the snapshot counts as not sent: the resume replays from the
-    /// client's `last_seq`.
+    /// A session restored from a snapshot: detached (epoch 0), waiting for its resume, which
+    /// replays from the client's `last_seq` (taken as at most what the owner had written).
     pub fn restore(s: Snapshot, now: Tick) -> SessionCore {
         let downlink = DownlinkBuffer::restore(s.last_seq, s.acked, s.unacked, s.lost);
-        let sent = s.last_seq;
+        // What was written before the move (found by the session fuzz target: taking all of
+        // `last_seq` as sent let a resume's `last_seq` past it release downlinks never sent).
+        let sent = s.sent.min(s.last_seq);
         SessionCore {
             dedup: UplinkDedup::from_done(&s.dedup),
             link: Link::Detached { epoch: 0 },
-            // What a resume may take as the highest seq sent: the client may have got any of
-            // it before the move.
+            // What a resume may take as the highest seq sent: what the owner wrote (the
+            // client may have got any of it before the move).
             sent,
             flush_queued: false,
             replay: false,
@@ -1003,5 +1019,64 @@ mod tests {
             Verdict::Ack(ErrorCode::Ok, 0)
         );
         assert!(r.in_room("room"));
+    }
+
+    #[test]
+    fn a_push_that_only_fits_gzipped_is_refused() {
+        // Found by the session fuzz target: accepted, then never writable after a resume on
+        // a connection without gzip (the session stuck at its seq).
+        let l = Limits::default();
+        let lim = SessionLimits::default();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let plain: Bytes = (0..lim.max_body + 1000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b"0123456789abcdef"[(x % 16) as usize]
+            })
+            .collect::<Vec<u8>>()
+            .into();
+        let (gz, true) = CompressOptions::default().compress(plain.clone(), &l) else {
+            panic!("compressible")
+        };
+        assert!(gz.len() <= lim.max_body);
+        let mut s = SessionCore::new(C1, true, Platform::Ios, 0);
+        let p = PushBody {
+            body_type: 0,
+            plain: &plain,
+            gzip: Some(&gz),
+            receipt: 1,
+            transient: false,
+        };
+        assert_eq!(
+            s.push(&p, &lim, 0).delivery,
+            Delivery::Refused(Refusal::TooLarge)
+        );
+    }
+
+    #[test]
+    fn an_ended_core_takes_no_uplink_and_no_room_request() {
+        // Found by the session fuzz target (and races.rs through sockets): an uplink racing
+        // the session's end was forwarded and never acked.
+        let lim = SessionLimits::default();
+        let mut s = SessionCore::new(C1, false, Platform::Ios, 0);
+        s.end().unwrap();
+        assert_eq!(s.handle_uplink(4, 0, &lim), Verdict::Ended);
+        assert!(s.handle_room_request(true, "r1", 0, &lim).is_err());
+    }
+
+    #[test]
+    fn a_restored_session_takes_no_last_seq_beyond_what_was_sent() {
+        // Found by the session fuzz target: a restored core took everything as sent.
+        let mut s = SessionCore::new(C1, false, Platform::Ios, 0);
+        push(&mut s, "a", 1, 0);
+        assert_eq!(transmit(&mut s, C1), [1]);
+        s.detach(C1);
+        push(&mut s, "b", 2, 1); // held while detached: never sent
+        let mut r = SessionCore::restore(s.snapshot(), 2);
+        let res = r.resume(C2, u64::MAX, false, Platform::Ios, 3).unwrap();
+        assert_eq!(res.receipts, [1], "only what was sent");
+        assert_eq!(transmit(&mut r, C2), [2]);
     }
 }
