@@ -321,8 +321,19 @@ impl Upstream for ChatUpstream {
         undelivered: &[Downlink],
     ) {
         // What the session never acked, then what still waited for it, goes back to the
-        // user's offline queue, in order, for the next fresh session.
+        // user's offline queue, in order, for the next fresh session; or, when a new session
+        // of the same device is already there (it replaced this one, or logged in as this one
+        // expired, and has taken the offline queue already: races.rs), to that session's
+        // backlog, behind what waits for it.
+        // Looked up under the lock: a fresh session is either registered by now (and found
+        // here), or its `session_opened` comes after this and takes the offline queue.
         let mut mail = self.mail.lock();
+        let heir = hub
+            .user_sessions(session.user())
+            .into_iter()
+            .rev()
+            .find(|s| s.id != session.id && s.device() == session.device())
+            .map(|s| s.id);
         let waiting = mail.backlog.remove(&session.id).unwrap_or_default();
         self.count_backlogs(&mail);
         mail.bytes -= waiting.bytes;
@@ -337,10 +348,29 @@ impl Upstream for ChatUpstream {
                 body: d.body.clone(),
             })
             .chain(waiting.items);
+        let mut started = false;
         for m in back {
+            if let Some(heir) = &heir {
+                if self.fits(&mail, mail.backlog.get(heir), m.body.len()) {
+                    let first = !started && !mail.backlog.contains_key(heir);
+                    started = true;
+                    mail.bytes += m.body.len();
+                    let q = mail.backlog.entry(*heir).or_default();
+                    q.bytes += m.body.len();
+                    q.items.push_back(m);
+                    if first {
+                        self.count_backlogs(&mail);
+                    }
+                    continue;
+                }
+            }
             if !self.enqueue_offline(&mut mail, session.user(), m) {
                 tracing::debug!(user = %session.user(), "offline queue full: a message is dropped");
             }
+        }
+        if let Some(heir) = heir.filter(|_| started) {
+            // Counted first, then sent on as its buffer allows (see `backlogged`).
+            self.flush(hub, &mut mail, &heir);
         }
     }
 
