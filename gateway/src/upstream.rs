@@ -64,16 +64,15 @@ impl SessionInfo {
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Names {
     both: Arc<str>,
-    user_len: u16,
+    user_len: u32,
 }
 
 impl Names {
-    /// Both ids (each at most [`crate::auth::MAX_ID_LEN`] bytes).
+    /// Both ids (a frame bounds their length: far below `u32::MAX`).
     pub fn new(user: &str, device: &str) -> Names {
-        let user_len = u16::try_from(user.len()).expect("ids are at most MAX_ID_LEN bytes");
         Names {
             both: Arc::from([user, device].concat()),
-            user_len,
+            user_len: user.len() as u32,
         }
     }
 
@@ -402,4 +401,18 @@ pub trait Upstream: Send + Sync + 'static {
     fn delivered(&self, hub: &dyn Hub, session: &SessionInfo, receipts: &[u64]);
     /// The gateway is draining: it stops taking connections and will exit.
     fn draining(&self, _hub: &dyn Hub) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Names;
+
+    #[test]
+    fn names_split_where_the_user_id_ends() {
+        let n = Names::new("alice", "phone-ü");
+        assert_eq!((n.user(), n.device()), ("alice", "phone-ü"));
+        let n = Names::new("", "d");
+        assert_eq!((n.user(), n.device()), ("", "d"));
+        assert_ne!(Names::new("ab", "c"), Names::new("a", "bc"));
+    }
 }
