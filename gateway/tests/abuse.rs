@@ -4,36 +4,14 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use common::*;
 use prost::Message as _;
 use tether_codec::Header;
-use tether_gateway::clock::Clock;
 use tether_gateway::config::Config;
-use tether_gateway::embedded::ChatUpstream;
 use tether_gateway::node::{Push, Target};
-use tether_gateway::{Gateway, Options};
 use tether_protocol::chat::{chat_message, ChatMessage, Text};
 use tether_protocol::pb::{self, ErrorCode};
-
-/// A gateway with the embedded chat back end, which the test keeps a handle on.
-fn start_chat(f: impl FnOnce(&mut Config)) -> (Gateway, Arc<ChatUpstream>) {
-    let mut c = config();
-    f(&mut c);
-    let chat = Arc::new(ChatUpstream::new(&c));
-    let g = Gateway::start(
-        c,
-        Options {
-            clock: Some(Clock::manual()),
-            upstream: Some(chat.clone()),
-            ..Options::default()
-        },
-    )
-    .expect("gateway starts");
-    (g, chat)
-}
 
 /// Text that gzip cannot shrink much (so a burst really is this many bytes on the wire).
 fn noise(n: usize, seed: u64) -> String {

@@ -46,32 +46,22 @@ use std::sync::{Arc, Barrier};
 use bytes::Bytes;
 use common::*;
 use tether_codec::{Frame, Header, Limits};
-use tether_gateway::clock::Clock;
 use tether_gateway::config::Config;
 use tether_gateway::embedded::ChatUpstream;
 use tether_gateway::node::SessionId;
-use tether_gateway::{Gateway, Options};
+use tether_gateway::Gateway;
 use tether_protocol::pb::{self, ErrorCode, KickReason};
 
 /// A gateway (two workers, `common::config`) with the embedded chat back end.
 fn start_chat(f: impl FnOnce(&mut Config)) -> (Gateway, Arc<ChatUpstream>) {
-    let mut c = config();
-    f(&mut c);
-    assert_eq!(c.workers, 2, "the races need two workers");
-    let chat = Arc::new(ChatUpstream::new(&c));
-    let g = Gateway::start(
-        c,
-        Options {
-            clock: Some(Clock::manual()),
-            upstream: Some(chat.clone()),
-            ..Options::default()
-        },
-    )
-    .expect("gateway starts");
-    (g, chat)
+    common::start_chat(|c| {
+        f(c);
+        assert_eq!(c.workers, 2, "the races need two workers");
+    })
 }
 
-/// `TETHER_RACE_STRICT=1`: also fail on the open race the resume case tolerates by default.
+/// `TETHER_RACE_STRICT=1`: also fail on what the uplink case tolerates by default (an uplink
+/// delivered while its session ended, never acked).
 fn strict() -> bool {
     std::env::var_os("TETHER_RACE_STRICT").is_some_and(|v| v != "0")
 }

@@ -132,6 +132,29 @@ pub fn start(f: impl FnOnce(&mut Config)) -> Gateway {
     .expect("gateway starts")
 }
 
+/// A gateway with the embedded chat back end, which the test keeps a handle on.
+#[allow(dead_code)] // not every test file uses it
+pub fn start_chat(
+    f: impl FnOnce(&mut Config),
+) -> (
+    Gateway,
+    std::sync::Arc<tether_gateway::embedded::ChatUpstream>,
+) {
+    let mut c = config();
+    f(&mut c);
+    let chat = std::sync::Arc::new(tether_gateway::embedded::ChatUpstream::new(&c));
+    let g = Gateway::start(
+        c,
+        Options {
+            clock: Some(Clock::manual()),
+            upstream: Some(chat.clone()),
+            ..Options::default()
+        },
+    )
+    .expect("gateway starts");
+    (g, chat)
+}
+
 pub fn token(user: &str, device: &str) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
