@@ -439,13 +439,22 @@ impl Harness {
         let want_gzip = flags & 4 == 4;
         let incompressible = flags & 8 == 8;
         let body_type = (flags >> 4) as u32;
+        // Mostly small bodies: a long replay is compressed into BATCH frames, halving and
+        // compressing again when one does not fit, and big bodies made that most of the time.
         let len = match input.u8() {
-            0..=99 => input.u8() as usize % 32,
-            100..=199 => input.u8() as usize * 4,
-            200..=219 => self.limits.max_body,
-            220..=239 => self.limits.max_body + 1,
-            240..=249 => self.limits.downlink.max_bytes.min(1 << 16),
+            0..=119 => input.u8() as usize % 32,
+            120..=219 => input.u8() as usize * 4,
+            220..=227 => self.limits.max_body,
+            228..=235 => self.limits.max_body + 1,
+            236..=245 => self.limits.downlink.max_bytes.min(1 << 16),
             _ => input.u16() as usize,
+        };
+        // Past max_body every size is refused alike (TooLarge); only a gzip body can make a
+        // larger one fit, which is the open finding `Strict::gzip` generates.
+        let len = if self.strict.gzip {
+            len
+        } else {
+            len.min(self.limits.max_body + 1)
         };
         let id = self.next_push;
         self.next_push += 1;
