@@ -85,6 +85,8 @@ settings! {
     server_id: String = "tether-1".into(), "TETHER_SERVER_ID";
     /// Most connections held at once; past it a connection gets ERROR SERVER_BUSY; 0: the process's descriptor limit (RLIMIT_NOFILE) less a reserve of FD_RESERVE, so that a flood gets SERVER_BUSY rather than EMFILE [default: 0].
     max_connections: usize = 0, "TETHER_MAX_CONNECTIONS";
+    /// With --processes: ms a process waits for a sibling to hand over a session a resume asks for (each way); past it the login gets a fresh session [default: 2000].
+    handoff_timeout_ms: u32 = 2_000, "TETHER_HANDOFF_TIMEOUT_MS";
     /// retry_after_ms told to connections refused as busy [default: 5000].
     busy_retry_after_ms: u32 = 5_000, "TETHER_BUSY_RETRY_AFTER_MS";
     /// Most connections awaiting login at once (accepted, no session bound yet); past it a new connection gets ERROR SERVER_BUSY; 0: a quarter of max_connections [default: 0].

@@ -348,29 +348,17 @@ impl Upstream for ChatUpstream {
                 body: d.body.clone(),
             })
             .chain(waiting.items);
-        let mut started = false;
         for m in back {
             if let Some(heir) = &heir {
                 if self.fits(&mail, mail.backlog.get(heir), m.body.len()) {
-                    let first = !started && !mail.backlog.contains_key(heir);
-                    started = true;
-                    mail.bytes += m.body.len();
-                    let q = mail.backlog.entry(*heir).or_default();
-                    q.bytes += m.body.len();
-                    q.items.push_back(m);
-                    if first {
-                        self.count_backlogs(&mail);
-                    }
+                    let started = !mail.backlog.contains_key(heir);
+                    self.hold(hub, &mut mail, heir, started, &m);
                     continue;
                 }
             }
             if !self.enqueue_offline(&mut mail, session.user(), m) {
                 tracing::debug!(user = %session.user(), "offline queue full: a message is dropped");
             }
-        }
-        if let Some(heir) = heir.filter(|_| started) {
-            // Counted first, then sent on as its buffer allows (see `backlogged`).
-            self.flush(hub, &mut mail, &heir);
         }
     }
 
@@ -465,7 +453,7 @@ impl Upstream for ChatUpstream {
                         if *id == me {
                             return true;
                         }
-                        let waiting = !mail.backlog.is_empty() && mail.backlog.contains_key(id);
+                        let waiting = mail.backlog.contains_key(id);
                         if waiting {
                             behind.push(*id);
                         }
@@ -482,9 +470,11 @@ impl Upstream for ChatUpstream {
                     self.hold(hub, &mut mail, id, false, &stored);
                 }
                 for id in &report.full {
-                    if self.fits(&mail, None, len) {
-                        self.hold(hub, &mut mail, id, true, &stored);
+                    if !self.fits(&mail, None, len) {
+                        tracing::debug!("backlogs full: a room message skipped for a member");
+                        continue;
                     }
+                    self.hold(hub, &mut mail, id, true, &stored);
                 }
             }
             None => {

@@ -13,7 +13,7 @@
 //!
 //! Neither side blocks a worker: the owner answers on a thread of its own, and the claim is
 //! made by the claimer's handoff thread, whose answer reaches the worker as a command. A
-//! sibling that does not answer within [`CLAIM_TIMEOUT`] (restarted, gone) is treated as not
+//! sibling that does not answer within `handoff_timeout_ms` (restarted, gone) is treated as not
 //! holding the session: the login gets a fresh one, as PROTOCOL.md §6.6 allows.
 //!
 //! What does not move: uplinks still with the owner's upstream (their ids are not in the
@@ -34,6 +34,7 @@ use crossbeam_channel::{Receiver, Sender};
 use prost::Message;
 use tether_protocol::pb::{ErrorCode, Platform};
 
+use crate::metrics::Metrics;
 use crate::node::{Cmd, Node, SessionId};
 use crate::session::bucket::TokenBucket;
 use crate::session::core::Snapshot;
@@ -44,11 +45,23 @@ use crate::worker::PendingLogin;
 /// their handoff sockets.
 pub const DIR_ENV: &str = "TETHER_HANDOFF_DIR";
 
-/// How long a claim may take (connect, ask, answer) before the login gets a fresh session.
-pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest claim or answer read from a sibling: what a session's snapshot can hold under this
+/// gateway's limits (its unacked buffer, one more body, per-frame and per-entry overhead,
+/// rooms, dedup window), and a margin.
+fn max_message(c: &crate::config::Config) -> usize {
+    let limits = c.session_limits();
+    limits.downlink.max_bytes
+        + limits.max_body
+        + 64 * (limits.downlink.max_frames + 1)
+        + (c.max_header_len as usize + 8) * limits.max_rooms
+        + 16 * limits.dedup_window
+        + 64 * 1024
+}
 
-/// Largest answer read from a sibling: a session's unacked buffer and the rest.
-const MAX_MESSAGE: usize = 64 << 20;
+/// How long a claim may take (connect, ask, answer), each way.
+fn timeout(c: &crate::config::Config) -> Option<Duration> {
+    Some(Duration::from_millis(c.handoff_timeout_ms.max(1) as u64))
+}
 
 /// This process's place among its siblings, and where their sockets are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,11 +232,11 @@ fn write_message(s: &mut UnixStream, m: &impl Message) -> std::io::Result<()> {
     s.write_all(&out)
 }
 
-fn read_message<M: Message + Default>(s: &mut UnixStream) -> std::io::Result<M> {
+fn read_message<M: Message + Default>(s: &mut UnixStream, max: usize) -> std::io::Result<M> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_MESSAGE {
+    if len > max {
         return Err(std::io::Error::other("handoff message too large"));
     }
     let mut body = vec![0u8; len];
@@ -235,10 +248,9 @@ fn read_message<M: Message + Default>(s: &mut UnixStream) -> std::io::Result<M> 
 pub(crate) struct ClaimJob {
     pub owner: usize,
     pub worker: u16,
-    pub pending: Box<PendingLogin>,
     pub session_id: SessionId,
-    pub user: String,
-    pub device: String,
+    /// The login that claims it (whose user and device the owner checks).
+    pub pending: Box<PendingLogin>,
 }
 
 /// This process's side of the handoff: the socket it answers on, and the thread that makes
@@ -312,9 +324,9 @@ fn answer_claims(node: std::sync::Weak<Node>, listener: UnixListener, stop: Arc<
         }
         let Ok(mut s) = conn else { continue };
         let Some(node) = node.upgrade() else { return };
-        let _ = s.set_read_timeout(Some(CLAIM_TIMEOUT));
-        let _ = s.set_write_timeout(Some(CLAIM_TIMEOUT));
-        let Ok(claim) = read_message::<Claim>(&mut s) else {
+        let _ = s.set_read_timeout(timeout(&node.config));
+        let _ = s.set_write_timeout(timeout(&node.config));
+        let Ok(claim) = read_message::<Claim>(&mut s, max_message(&node.config)) else {
             continue;
         };
         let handed = claim
@@ -329,10 +341,7 @@ fn answer_claims(node: std::sync::Weak<Node>, listener: UnixListener, stop: Arc<
             })
             .unwrap_or_default();
         if handed.found {
-            node.metrics
-                .handoffs
-                .get_or_create(&[("side", "given")])
-                .inc();
+            Metrics::inc(&node.metrics.handoffs, "side", "given");
         }
         let _ = write_message(&mut s, &handed);
     }
@@ -351,31 +360,25 @@ fn make_claims(
         let Some(node) = node.upgrade() else { return };
         let claim = Claim {
             session_id: job.session_id.to_vec(),
-            user: job.user,
-            device: job.device,
+            user: job.pending.id.user().to_owned(),
+            device: job.pending.id.device().to_owned(),
         };
         let asked = (|| {
             let mut s = UnixStream::connect(siblings.socket(job.owner))?;
-            s.set_read_timeout(Some(CLAIM_TIMEOUT))?;
-            s.set_write_timeout(Some(CLAIM_TIMEOUT))?;
+            s.set_read_timeout(timeout(&node.config))?;
+            s.set_write_timeout(timeout(&node.config))?;
             write_message(&mut s, &claim)?;
-            read_message::<Handed>(&mut s)
+            read_message::<Handed>(&mut s, max_message(&node.config))
         })();
         let snapshot = match asked {
             Ok(h) if h.found => {
-                node.metrics
-                    .handoffs
-                    .get_or_create(&[("side", "taken")])
-                    .inc();
+                Metrics::inc(&node.metrics.handoffs, "side", "taken");
                 Some(Box::new(h.into_snapshot(node.clock.elapsed_ms())))
             }
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(sibling = job.owner, "session claim failed: {e}");
-                node.metrics
-                    .handoffs
-                    .get_or_create(&[("side", "failed")])
-                    .inc();
+                Metrics::inc(&node.metrics.handoffs, "side", "failed");
                 None
             }
         };

@@ -301,11 +301,11 @@ impl StripedHistogram {
             .position(|b| v <= *b)
             .unwrap_or(self.bounds.len());
         s[i].fetch_add(1, AtomicOrdering::Relaxed);
-        // Only this thread adds to its stripe's sum: a load and a store, no read-modify-write
-        // race with another writer (a reader may see the sum a moment behind the counts).
+        // Usually only this thread adds to its stripe (past 16 threads they share): a
+        // compare-and-swap that does not loop then.
         let sum = &s[self.bounds.len() + 1];
-        let now = f64::from_bits(sum.load(AtomicOrdering::Relaxed)) + v;
-        sum.store(now.to_bits(), AtomicOrdering::Relaxed);
+        let add = |b: u64| Some((f64::from_bits(b) + v).to_bits());
+        let _ = sum.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, add);
     }
 
     /// (sum, count, per-bucket counts with their upper bounds; the last is +Inf).

@@ -43,6 +43,32 @@ pub const MAX_ANSWER_MESSAGE: usize = 1024;
 /// in one slot share its limit, which a random hasher keeps an attacker from arranging).
 const PRELOGIN_SLOTS: usize = 4096;
 
+/// The pre-login limit a new connection would pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PreloginLimit {
+    /// `max_prelogin_connections`.
+    Total,
+    /// `max_prelogin_per_ip`.
+    PerIp,
+}
+
+impl PreloginLimit {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            PreloginLimit::Total => "total",
+            PreloginLimit::PerIp => "per_ip",
+        }
+    }
+
+    /// What the refused client is told.
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            PreloginLimit::Total => "too many connections awaiting login",
+            PreloginLimit::PerIp => "too many connections awaiting login from this address",
+        }
+    }
+}
+
 /// Requests with the upstream by deadline (elapsed ms).
 type Pending = std::collections::VecDeque<(u64, std::sync::Weak<ReplyInner>)>;
 
@@ -513,8 +539,8 @@ impl Node {
     }
 
     /// A connection from `ip` starts waiting for its login: `Ok(key)` to leave with, or the
-    /// limit it would pass (`max_prelogin_connections`, `max_prelogin_per_ip`).
-    pub(crate) fn prelogin_enter(&self, ip: std::net::IpAddr) -> Result<u32, &'static str> {
+    /// limit it would pass.
+    pub(crate) fn prelogin_enter(&self, ip: std::net::IpAddr) -> Result<u32, PreloginLimit> {
         let max = self.config.max_prelogin_connections;
         let counted = self
             .prelogin
@@ -522,17 +548,16 @@ impl Node {
                 (c < max).then_some(c + 1)
             });
         if counted.is_err() {
-            return Err("total");
+            return Err(PreloginLimit::Total);
         }
         // An IPv6 client has a /64 to itself at least: it is one source.
-        let group: [u8; 8] = match ip {
-            std::net::IpAddr::V4(a) => [a.octets(), [0; 4]].concat().try_into().expect("8"),
-            std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(a) => [a.octets(), [0; 4]].concat().try_into().expect("8"),
-                None => a.octets()[..8].try_into().expect("8"),
-            },
+        let h = match ip {
+            std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => {
+                self.ip_hasher.hash_one(&a.octets()[..8])
+            }
+            ip => self.ip_hasher.hash_one(ip.to_canonical()),
         };
-        let key = (self.ip_hasher.hash_one(group) as usize % PRELOGIN_SLOTS) as u32;
+        let key = (h as usize % PRELOGIN_SLOTS) as u32;
         let per = self.config.max_prelogin_per_ip;
         let counted = self.prelogin_by_ip[key as usize].fetch_update(
             Ordering::SeqCst,
@@ -541,7 +566,7 @@ impl Node {
         );
         if counted.is_err() {
             self.prelogin.fetch_sub(1, Ordering::SeqCst);
-            return Err("per_ip");
+            return Err(PreloginLimit::PerIp);
         }
         self.metrics.awaiting_login.inc();
         Ok(key)
@@ -769,14 +794,7 @@ impl Node {
         if let Some(old) = resumed.replaced {
             // The client came back before we noticed it had gone, or another instance holds
             // the session: that connection is done, the session goes on here (§6.6).
-            self.send(
-                old.worker,
-                Cmd::Kick(
-                    old,
-                    KickReason::ResumedElsewhere,
-                    "resumed on another connection".into(),
-                ),
-            );
+            self.kick_resumed_elsewhere(old);
         }
         if !resumed.receipts.is_empty() {
             self.up("delivered", |u, hub| {
@@ -788,6 +806,15 @@ impl Node {
             resumed: true,
             gap: resumed.gap,
         })
+    }
+
+    /// KICK `RESUMED_ELSEWHERE` to a connection whose session went on on another one.
+    fn kick_resumed_elsewhere(&self, c: ConnRef) {
+        let msg = "resumed on another connection";
+        self.send(
+            c.worker,
+            Cmd::Kick(c, KickReason::ResumedElsewhere, msg.into()),
+        );
     }
 
     /// The connection `conn` of `session` is gone: the session waits for a resume. Returns
@@ -873,14 +900,7 @@ impl Node {
         }
         if let Link::Attached(c) = ended.link {
             match reason {
-                EndReason::Moved => self.send(
-                    c.worker,
-                    Cmd::Kick(
-                        c,
-                        KickReason::ResumedElsewhere,
-                        "resumed on another connection".into(),
-                    ),
-                ),
+                EndReason::Moved => self.kick_resumed_elsewhere(c),
                 EndReason::Replaced(k) | EndReason::Kicked(k) => {
                     let msg = match k {
                         KickReason::LoggedInElsewhere => "logged in elsewhere",
@@ -1035,6 +1055,14 @@ impl Node {
             .and_then(|(b, gz)| gz.then_some(b))
     }
 
+    /// A push's gzip body: the pusher's, or compressed here (once per push).
+    fn gzip_of(&self, push: &Push) -> Option<Bytes> {
+        match &push.gzip {
+            Some(gz) => Some(gz.clone()),
+            None => self.compressed(&push.body),
+        }
+    }
+
     /// Pushes a downlink to `target`: what became of it, counted over the sessions found.
     pub fn push(&self, target: &Target, push: &Push) -> PushReport {
         self.push_except(target, push, &mut |_| false)
@@ -1047,10 +1075,7 @@ impl Node {
         push: &Push,
         skip: &mut dyn FnMut(&SessionId) -> bool,
     ) -> PushReport {
-        let gz = match &push.gzip {
-            Some(gz) => Some(gz.clone()),
-            None => self.compressed(&push.body),
-        };
+        let gz = self.gzip_of(push);
         let now = self.clock.now();
         let mut report = PushReport::default();
         self.each_target(target, |s| {
@@ -1328,11 +1353,7 @@ impl Hub for Node {
         let Some(s) = self.session(session) else {
             return Delivery::Refused(Refusal::Ended);
         };
-        let gz = match &push.gzip {
-            Some(gz) => Some(gz.clone()),
-            None => self.compressed(&push.body),
-        };
-        self.deliver_at(&s, push, gz.as_ref(), self.clock.now())
+        self.deliver_at(&s, push, self.gzip_of(push).as_ref(), self.clock.now())
     }
 
     fn has_room(&self, session: &SessionId, len: usize) -> bool {

@@ -14,8 +14,8 @@
 //! outside a shutdown is restarted after a backoff (1 s, doubling up to 30 s, back to 1 s
 //! once a child has lived 60 s); its sessions are lost. A session moves between the
 //! children when its client resumes on another one ([`crate::handoff`], through Unix sockets
-//! in a directory the supervisor makes, mode 0700, and removes at exit). On Linux a child gets SIGTERM (a
-//! drain) if its supervisor dies.
+//! in a directory the supervisor makes, mode 0700, and removes at exit). On Linux a child
+//! gets SIGTERM (a drain) if its supervisor dies.
 
 use std::ffi::OsString;
 use std::path::Path;

@@ -152,8 +152,9 @@ impl Transport<'_> {
     }
 
     /// The last write before a close, bounded (never waits for a slow peer): `out` if given,
-    /// TLS's close_notify (once the handshake is done), then a half-close and a read of what the peer already sent (so the
-    /// close does not reset the connection, and lose the last frame, over unread input).
+    /// TLS's close_notify (once the handshake is done), then a half-close and a read of what
+    /// the peer already sent (so the close does not reset the connection, and lose the last
+    /// frame, over unread input).
     pub(crate) fn close(&mut self, out: Option<&mut BytesMut>, scratch: &mut [u8]) {
         match self.tls.as_mut() {
             None => {

@@ -44,6 +44,8 @@ const LISTENER_BASE: usize = usize::MAX - 1024;
 const DIRTY: u8 = 1;
 const FILL: u8 = 2;
 const GOAWAY_SENT: u8 = 4;
+/// In `Worker::unfinished`: to be read again next turn.
+const UNFINISHED: u8 = 8;
 
 /// A listener of this worker.
 pub(crate) struct Listener {
@@ -69,12 +71,20 @@ struct Entry {
 }
 
 impl Entry {
-    fn transport(&mut self) -> Transport<'_> {
-        Transport {
+    /// Its transport and its unwritten bytes, borrowed together.
+    fn parts(&mut self) -> (Transport<'_>, Option<&mut BytesMut>) {
+        let t = Transport {
             stream: &mut self.stream,
             tls: &mut self.tls,
-        }
+        };
+        (t, self.out.as_deref_mut())
     }
+}
+
+/// The session a LOGIN asks to resume, if it names one.
+fn resume_id(login: &pb::Login) -> Option<SessionId> {
+    let r = login.resume.as_ref()?;
+    SessionId::try_from(r.session_id.as_ref()).ok()
 }
 
 pub(crate) struct Worker {
@@ -114,7 +124,7 @@ pub(crate) struct Worker {
 #[derive(Debug)]
 pub(crate) struct PendingLogin {
     pub(crate) conn: ConnRef,
-    id: Names,
+    pub(crate) id: Names,
     logins: crate::node::Logins,
     login: Box<pb::Login>,
     body: Bytes,
@@ -252,7 +262,14 @@ impl Worker {
             // deadline ever fires before its configured time (it may be up to 1 s late).
             let now = self.node.clock.now();
             let at = self.node.clock.now_ceil();
-            let unfinished = std::mem::take(&mut self.unfinished);
+            // Last turn's unfinished connections: their flag is cleared here, so one whose
+            // event this turn uses its budget again is seen as such below.
+            let mut unfinished = std::mem::take(&mut self.unfinished);
+            for &(slot, gen) in &unfinished {
+                if let Some(e) = self.conns.get_mut(slot).filter(|e| e.gen == gen) {
+                    e.flags &= !UNFINISHED;
+                }
+            }
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {}
@@ -268,12 +285,20 @@ impl Worker {
                     }
                 }
             }
-            // After every connection with an event had its turn.
-            for (slot, gen) in unfinished {
-                let again = self.unfinished.contains(&(slot, gen));
-                if !again && self.conns.get(slot).is_some_and(|e| e.gen == gen) {
+            // After every connection with an event had its turn (unless an event gave it one
+            // already: then it is flagged for next turn again).
+            for &(slot, gen) in &unfinished {
+                let carried = self
+                    .conns
+                    .get(slot)
+                    .is_some_and(|e| e.gen == gen && e.flags & UNFINISHED == 0);
+                if carried {
                     self.on_readable(slot, at, false);
                 }
+            }
+            unfinished.clear();
+            if self.unfinished.is_empty() {
+                self.unfinished = unfinished;
             }
             // Commands are stamped like events (a login answered later starts a heartbeat
             // deadline).
@@ -407,12 +432,8 @@ impl Worker {
             Ok(key) => key,
             Err(limit) => {
                 node.connections.fetch_sub(1, Ordering::SeqCst);
-                Metrics::inc(&node.metrics.prelogin_refused, "limit", limit);
-                let message = match limit {
-                    "per_ip" => "too many connections awaiting login from this address",
-                    _ => "too many connections awaiting login",
-                };
-                return busy(&mut stream, message);
+                Metrics::inc(&node.metrics.prelogin_refused, "limit", limit.label());
+                return busy(&mut stream, limit.message());
             }
         };
         let undo = |node: &Node| {
@@ -494,6 +515,7 @@ impl Worker {
             return;
         }
         let gen = e.gen;
+        let mut logged_in = e.conn.is_logged_in();
         // A partial frame is read into on its own buffer and kept in it: appended to, never
         // copied again (a frame trickled in byte by byte costs linear, not quadratic, work).
         let from_partial = e.partial.is_some();
@@ -512,7 +534,7 @@ impl Worker {
         let mut tls_failed = false;
         let mut tls_to_write = false;
         'read: while let Some(e) = self.conns.get_mut(slot) {
-            let n = match e.transport().read(&mut self.scratch, &mut buf) {
+            let n = match e.parts().0.read(&mut self.scratch, &mut buf) {
                 Got::Data { n, full } => {
                     drained = may_stop_short && !full;
                     n
@@ -532,7 +554,6 @@ impl Worker {
             bytes += n as u64;
             // Take every complete frame off the buffer.
             loop {
-                let logged_in = self.conns.get(slot).is_some_and(|e| e.conn.is_logged_in());
                 let decoded = if logged_in {
                     self.decoder.decode(&mut buf)
                 } else {
@@ -546,8 +567,10 @@ impl Worker {
                         };
                         e.conn.handle_frame(now, frame, &mut self.actions);
                         self.run_actions(slot, now);
-                        if !self.conns.contains(slot) {
-                            break 'read;
+                        // A LOGIN bound here lifts the pre-login frame limit.
+                        match self.conns.get(slot) {
+                            Some(e) => logged_in = e.conn.is_logged_in(),
+                            None => break 'read,
                         }
                     }
                     Ok(None) => break,
@@ -562,7 +585,12 @@ impl Worker {
             }
             if bytes as usize >= self.node.config.read_budget_bytes {
                 // Fair shares: the others on this worker go first; the rest is read next turn.
-                self.unfinished.push((slot, gen));
+                if let Some(e) = self.conns.get_mut(slot) {
+                    if e.flags & UNFINISHED == 0 {
+                        e.flags |= UNFINISHED;
+                        self.unfinished.push((slot, gen));
+                    }
+                }
                 break;
             }
         }
@@ -707,15 +735,19 @@ impl Worker {
         self.close(slot, None, close_label(Some(code)));
     }
 
+    fn refuse_draining(&mut self, slot: usize) {
+        let retry = self.node.config.drain_reconnect_delay_ms;
+        let msg = "this gateway is draining";
+        self.refuse_login(slot, ErrorCode::Draining, msg, "draining", retry);
+    }
+
     /// A LOGIN: authenticated here, then admitted by the upstream, then bound to a session.
     /// The upstream may answer later (a remote back end): the connection waits, the worker
     /// goes on, and the answer comes back as [`Cmd::LoginVerdict`].
     fn login(&mut self, slot: usize, login: Box<pb::Login>, body: Bytes, now: Tick) {
         let node = self.node.clone();
         if node.is_draining() {
-            let retry = node.config.drain_reconnect_delay_ms;
-            let msg = "this gateway is draining";
-            return self.refuse_login(slot, ErrorCode::Draining, msg, "draining", retry);
+            return self.refuse_draining(slot);
         }
         let id = match node.authenticate(&login) {
             Ok(id) => Names::new(&id.user_id, &id.device_id),
@@ -739,10 +771,7 @@ impl Worker {
             names: id.clone(),
             platform,
             peer,
-            resume: login
-                .resume
-                .as_ref()
-                .and_then(|r| r.session_id.as_ref().try_into().ok()),
+            resume: resume_id(&login),
             body: body.clone(),
         };
         let pending = Box::new(PendingLogin {
@@ -805,28 +834,20 @@ impl Worker {
             return self.refuse_login(slot, o.code, &o.message, reason, o.retry_after_ms);
         }
         if node.is_draining() {
-            let retry = node.config.drain_reconnect_delay_ms;
-            let msg = "this gateway is draining";
-            return self.refuse_login(slot, ErrorCode::Draining, msg, "draining", retry);
+            return self.refuse_draining(slot);
         }
         // A resume of a session a sibling process made (`--processes`): claimed from it
         // first, by the handoff thread; the answer comes back as `Cmd::Claimed`.
         if let Some(h) = node.handoff.get() {
-            let asked = p.login.resume.as_ref();
-            let sid = asked.and_then(|r| SessionId::try_from(r.session_id.as_ref()).ok());
-            if let Some(sid) = sid.filter(|sid| node.session(sid).is_none()) {
-                if let Some(owner) = h.siblings.owner(&sid) {
-                    let (user, device) = (p.id.user().to_owned(), p.id.device().to_owned());
-                    h.claim(ClaimJob {
-                        owner,
-                        worker: self.id,
-                        pending: Box::new(p),
-                        session_id: sid,
-                        user,
-                        device,
-                    });
-                    return;
-                }
+            let sid = resume_id(&p.login).filter(|sid| node.session(sid).is_none());
+            if let Some((sid, owner)) = sid.and_then(|sid| Some((sid, h.siblings.owner(&sid)?))) {
+                h.claim(ClaimJob {
+                    owner,
+                    worker: self.id,
+                    session_id: sid,
+                    pending: Box::new(p),
+                });
+                return;
             }
         }
         self.bind_login(slot, p, now);
@@ -843,12 +864,7 @@ impl Worker {
     ) {
         let node = self.node.clone();
         if let Some(snapshot) = snapshot {
-            let sid = p
-                .login
-                .resume
-                .as_ref()
-                .and_then(|r| SessionId::try_from(r.session_id.as_ref()).ok());
-            if let Some(sid) = sid {
+            if let Some(sid) = resume_id(&p.login) {
                 if let Some(epoch) = node.adopt(sid, &p.id, *snapshot, now) {
                     if let Some(s) = node.session(&sid) {
                         let at = node
@@ -994,11 +1010,8 @@ impl Worker {
         let Some(e) = self.conns.get_mut(slot) else {
             return false;
         };
-        let mut t = Transport {
-            stream: &mut e.stream,
-            tls: &mut e.tls,
-        };
-        let wrote = match e.out.as_deref_mut() {
+        let (mut t, out) = e.parts();
+        let wrote = match out {
             Some(out) => t.write(out),
             // Handshake records and alerts, when there is no plaintext to send.
             None if transport::wants_write(t.tls) => t.write(&mut BytesMut::new()),
@@ -1044,12 +1057,8 @@ impl Worker {
             self.node.prelogin_leave(key);
         }
         // One last write attempt (the ERROR or KICK), bounded: never wait for a slow peer.
-        let out = e.out.as_deref_mut();
-        Transport {
-            stream: &mut e.stream,
-            tls: &mut e.tls,
-        }
-        .close(out, &mut self.scratch);
+        let (mut t, out) = e.parts();
+        t.close(out, &mut self.scratch);
         let _ = self.poll.registry().deregister(&mut e.stream);
         let m = &self.node.metrics;
         Metrics::inc(&m.closes, "reason", label);

@@ -9,12 +9,11 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use common::*;
 use tether_codec::Header;
-use tether_gateway::clock::Clock;
 use tether_gateway::config::MultiDevice;
 use tether_gateway::upstream::{
     Downlink, EndReason, Hub, LoginRequest, Outcome, Reply, SessionInfo, Uplink, Upstream,
 };
-use tether_gateway::{Gateway, Options};
+use tether_gateway::Gateway;
 use tether_protocol::pb::{self, ErrorCode};
 
 /// Answers the first uplink of each msg_id with UPSTREAM_UNAVAILABLE, then OK; drops the
@@ -85,15 +84,7 @@ impl Flaky {
 }
 
 fn start_with(up: Arc<Flaky>) -> Gateway {
-    Gateway::start(
-        config(),
-        Options {
-            clock: Some(Clock::manual()),
-            upstream: Some(up),
-            ..Options::default()
-        },
-    )
-    .unwrap()
+    start_upstream(up, |_| {})
 }
 
 fn ack(c: &mut Raw) -> pb::UplinkAck {
@@ -191,17 +182,7 @@ impl Upstream for Silent {
 #[test]
 fn an_upstream_that_does_not_answer_gets_upstream_timeout_and_its_late_answer_is_ignored() {
     let up = Arc::new(Silent::default());
-    let mut c = config();
-    c.upstream_timeout_ms = 5_000;
-    let g = Gateway::start(
-        c,
-        Options {
-            clock: Some(Clock::manual()),
-            upstream: Some(up.clone()),
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let g = start_upstream(up.clone(), |c| c.upstream_timeout_ms = 5_000);
     let mut c = Raw::connect(g.addrs()[0]);
     c.login("alice", "phone", None);
     c.uplink(1, Bytes::from_static(b"x"));
@@ -403,15 +384,7 @@ impl Upstream for Bodies {
 fn bodies_travel_where_the_spec_says_login_to_the_upstream_answers_to_the_client() {
     // Seen: LOGIN's body never reached the upstream; UPLINK_ACK and ROOM_RESULT had none.
     let up = Arc::new(Bodies::default());
-    let g = Gateway::start(
-        config(),
-        Options {
-            clock: Some(Clock::manual()),
-            upstream: Some(up.clone()),
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let g = start_upstream(up.clone(), |_| {});
     let mut c = Raw::connect(g.addrs()[0]);
     let mut login = login_frame("alice", "phone", None);
     login.body = Bytes::from_static(b"device-info");
@@ -472,18 +445,10 @@ impl Upstream for Doorman {
 }
 
 fn start_doorman(up: &Arc<Doorman>, workers: usize) -> Gateway {
-    let mut c = config();
-    c.workers = workers;
-    c.upstream_timeout_ms = 5_000;
-    Gateway::start(
-        c,
-        Options {
-            clock: Some(Clock::manual()),
-            upstream: Some(up.clone()),
-            ..Options::default()
-        },
-    )
-    .unwrap()
+    start_upstream(up.clone(), |c| {
+        c.workers = workers;
+        c.upstream_timeout_ms = 5_000;
+    })
 }
 
 fn login_result(c: &mut Raw) -> Box<pb::LoginResult> {
@@ -637,15 +602,7 @@ impl Upstream for Oversized {
 fn an_answer_too_large_for_a_frame_still_reaches_the_client() {
     // Seen (read in the code): a frame that failed to encode, e.g. an upstream answer past
     // the header cap, was logged and dropped: the client waited for an ack that never came.
-    let g = Gateway::start(
-        config(),
-        Options {
-            clock: Some(Clock::manual()),
-            upstream: Some(Arc::new(Oversized)),
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let g = start_upstream(Arc::new(Oversized), |_| {});
     let mut c = Raw::connect(g.addrs()[0]);
     c.login("alice", "phone", None);
     c.uplink(1, Bytes::from_static(b"x"));

@@ -132,6 +132,25 @@ pub fn start(f: impl FnOnce(&mut Config)) -> Gateway {
     .expect("gateway starts")
 }
 
+/// A gateway (manual clock) with this upstream.
+#[allow(dead_code)] // not every test file uses it
+pub fn start_upstream(
+    up: std::sync::Arc<dyn tether_gateway::upstream::Upstream>,
+    f: impl FnOnce(&mut Config),
+) -> Gateway {
+    let mut c = config();
+    f(&mut c);
+    Gateway::start(
+        c,
+        Options {
+            clock: Some(Clock::manual()),
+            upstream: Some(up),
+            ..Options::default()
+        },
+    )
+    .expect("gateway starts")
+}
+
 /// A gateway with the embedded chat back end, which the test keeps a handle on.
 #[allow(dead_code)] // not every test file uses it
 pub fn start_chat(
@@ -143,16 +162,7 @@ pub fn start_chat(
     let mut c = config();
     f(&mut c);
     let chat = std::sync::Arc::new(tether_gateway::embedded::ChatUpstream::new(&c));
-    let g = Gateway::start(
-        c,
-        Options {
-            clock: Some(Clock::manual()),
-            upstream: Some(chat.clone()),
-            ..Options::default()
-        },
-    )
-    .expect("gateway starts");
-    (g, chat)
+    (start_upstream(chat.clone(), |to| *to = c), chat)
 }
 
 pub fn token(user: &str, device: &str) -> String {
