@@ -893,7 +893,8 @@ impl Harness {
             assert!(self.undelivered.insert(e.seq));
             assert!(!self.released.contains(&e.seq));
         }
-        // What a re-login carries on with: answered ids only, nothing in flight.
+        // What a re-login carries on with: the answered ids with their codes, and what is
+        // still in flight as in flight (the node sends those answers to the heir).
         let mut dedup = ended.carry.dedup;
         for (id, code) in dedup.done_entries() {
             assert_eq!(self.answered.get(&id), Some(&code), "carried uplink {id}");
@@ -902,8 +903,9 @@ impl Harness {
             if self.limits.dedup_window > 0 {
                 let seen = dedup.check(id, self.limits.dedup_window);
                 assert!(
-                    !matches!(seen, tether_gateway::session::dedup::Seen::InFlight),
-                    "uplink {id} carried as in flight to a session that will never see its answer"
+                    matches!(seen, tether_gateway::session::dedup::Seen::InFlight),
+                    "uplink {id} in flight not carried as in flight: a resend to the heir \
+                     would be forwarded again ({seen:?})"
                 );
             }
         }

@@ -709,13 +709,11 @@ impl Node {
         self.session_count.fetch_add(1, Ordering::Relaxed);
         self.metrics.sessions.inc();
         for (victim, reason) in victims {
-            let carry = self.end(&victim, EndReason::Replaced(reason));
-            if let Some(carry) = carry.filter(|_| inherit && victim.device() == session.device()) {
-                // The same device logging in again carries on with its rate bucket and its
-                // dedup window: a re-login neither refills the bucket nor forwards a resend
-                // again.
-                session.state.lock().inherit(carry);
-            }
+            // The same device logging in again carries on with its rate bucket and its
+            // dedup window: a re-login neither refills the bucket nor forwards a resend
+            // again.
+            let heir = (inherit && victim.device() == session.device()).then_some(session);
+            self.end_if(&victim, EndReason::Replaced(reason), heir, |_| true);
         }
     }
 
@@ -734,7 +732,7 @@ impl Node {
             return None;
         }
         let mut snapshot = None;
-        self.end_if(&session, EndReason::Moved, |core| {
+        self.end_if(&session, EndReason::Moved, None, |core| {
             snapshot = Some(core.snapshot());
             true
         })?;
@@ -833,34 +831,38 @@ impl Node {
     /// detached since then.
     pub(crate) fn expire(&self, session: &Arc<Session>, epoch: u32) {
         // Checked and ended under one lock: a resume between the two would be undone.
-        self.end_if(session, EndReason::Expired, |core| {
+        self.end_if(session, EndReason::Expired, None, |core| {
             core.detached_since(epoch)
         });
     }
 
     /// Ends a session: out of the registry and its rooms, its buffers released at once, the
     /// upstream told (with everything accepted and never delivered), its connection (if
-    /// any) kicked when `reason` is a kick or replacement. Returns what a login replacing it
-    /// on the same device carries on with (`None` if it had already ended).
-    pub fn end(
-        &self,
-        session: &Arc<Session>,
-        reason: EndReason,
-    ) -> Option<crate::session::core::Carry> {
-        self.end_if(session, reason, |_| true)
+    /// any) kicked when `reason` is a kick or replacement. False if it had already ended.
+    pub fn end(&self, session: &Arc<Session>, reason: EndReason) -> bool {
+        self.end_if(session, reason, None, |_| true).is_some()
     }
 
+    /// [`end`](Self::end) if `when` says so, under the same lock. `heir`: the session of
+    /// the same device that replaces it, which takes over its rate bucket and dedup window
+    /// under both locks, so that an answer to an uplink in flight finds the window either
+    /// here (not yet handed on) or there ([`uplink_done`](Self::uplink_done)).
     fn end_if(
         &self,
         session: &Arc<Session>,
         reason: EndReason,
+        heir: Option<&Arc<Session>>,
         when: impl FnOnce(&SessionCore) -> bool,
-    ) -> Option<crate::session::core::Carry> {
+    ) -> Option<()> {
         let (ended, info) = self.with_core(session, |core| {
             if !when(core) {
                 return None;
             }
-            let ended = core.end()?;
+            let mut ended = core.end()?;
+            if let Some(heir) = heir {
+                // The one place two cores are locked at once (the heir is the newer).
+                heir.state.lock().inherit(std::mem::take(&mut ended.carry));
+            }
             Some((ended, session.info(core, None)))
         })?;
         {
@@ -917,7 +919,7 @@ impl Node {
         self.up("session_ended", |u, hub| {
             u.session_ended(hub, &info, reason, undelivered)
         });
-        Some(ended.carry)
+        Some(())
     }
 
     /// Kicks every session of a user. Returns how many.
@@ -929,7 +931,7 @@ impl Node {
     pub fn kick_sessions(&self, target: &Target, reason: KickReason) -> usize {
         let mut n = 0;
         self.each_target(target, |s| {
-            if self.end(s, EndReason::Kicked(reason)).is_some() {
+            if self.end(s, EndReason::Kicked(reason)) {
                 n += 1;
             }
         });
@@ -1200,12 +1202,25 @@ impl Node {
             .upstream_latency
             .observe(start.elapsed().as_secs_f64());
         Metrics::inc(&self.metrics.uplink_acks, "code", o.code.as_str_name());
-        let link = {
-            let mut core = s.state.lock();
+        let answer = |core: &mut SessionCore| {
             core.uplink_answered(msg_id, o.code);
             core.link()
         };
-        if let Link::Attached(c) = link {
+        let link = match self.with_core(s, |core| (!core.is_ended()).then(|| answer(core))) {
+            Some(link) => Some(link),
+            // The session ended meanwhile: a login of the same device that replaced it took
+            // its window on, this uplink with it, and its client's resend waits for this
+            // answer there (a session that ended with no heir took its window with it).
+            None => self
+                .user_sessions(s.user())
+                .iter()
+                .filter(|h| !std::ptr::eq(&***h, s) && h.device() == s.device())
+                .find_map(|h| {
+                    let mut core = h.state.lock();
+                    core.uplink_in_flight(msg_id).then(|| answer(&mut core))
+                }),
+        };
+        if let Some(Link::Attached(c)) = link {
             let o = self.answer_that_fits(o);
             self.send(c.worker, Cmd::Send(c, uplink_ack(msg_id, &o)));
         }

@@ -222,6 +222,64 @@ fn an_upstream_that_does_not_answer_gets_upstream_timeout_and_its_late_answer_is
     eventually(|| up.held.lock().unwrap().len() == 1);
 }
 
+/// A takeover storm's case: the same device logs in afresh while its uplink is with the
+/// upstream. The new session carries the window on with that uplink in flight, so the
+/// client's resend (§6.4: resend what was not acked) is not forwarded a second time, and the
+/// first send's answer, when it comes, is acked on the new connection. (Before, the window
+/// forgot what was in flight at the end: the resend was forwarded again and the answer had
+/// nowhere to go.)
+#[test]
+fn a_resend_after_a_takeover_waits_for_the_answer_to_the_first_send() {
+    let up = Arc::new(Silent::default());
+    let g = start_upstream(up.clone(), |c| c.upstream_timeout_ms = 5_000);
+    let mut old = Raw::connect(g.addrs()[0]);
+    old.login("alice", "phone", None);
+    old.uplink(7, Bytes::from_static(b"x"));
+    old.uplink(8, Bytes::from_static(b"y"));
+    eventually(|| up.held.lock().unwrap().len() == 2);
+    // 8 is answered before the takeover: the old connection hears it, the window keeps it.
+    let eight = up.held.lock().unwrap().pop().unwrap();
+    eight.ok();
+    let a = ack(&mut old);
+    assert_eq!((a.msg_id, a.code), (8, ErrorCode::Ok as i32));
+    let mut new = Raw::connect(g.addrs()[0]);
+    new.login("alice", "phone", None);
+    assert_eq!(kicked(&mut old), pb::KickReason::LoggedInElsewhere);
+    new.uplink(7, Bytes::from_static(b"x"));
+    new.uplink(8, Bytes::from_static(b"y"));
+    let a = ack(&mut new);
+    assert_eq!(
+        (a.msg_id, a.code),
+        (8, ErrorCode::Ok as i32),
+        "8 from the window"
+    );
+    new.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(
+        matches!(new.recv().header, Header::Pong(_)),
+        "7 waits for its first send's answer"
+    );
+    assert_eq!(up.held.lock().unwrap().len(), 1, "7 not forwarded again");
+    up.held.lock().unwrap().pop().unwrap().ok();
+    let a = ack(&mut new);
+    assert_eq!((a.msg_id, a.code), (7, ErrorCode::Ok as i32));
+    new.uplink(7, Bytes::from_static(b"x"));
+    assert_eq!(ack(&mut new).code, ErrorCode::Ok as i32);
+    assert!(up.held.lock().unwrap().is_empty());
+    // A takeover of a takeover: the window moves on again, in flight with it, and a timeout
+    // of the first send reaches the newest connection (which may then resend).
+    new.uplink(9, Bytes::from_static(b"z"));
+    eventually(|| up.held.lock().unwrap().len() == 1);
+    let mut third = Raw::connect(g.addrs()[0]);
+    third.login("alice", "phone", None);
+    assert_eq!(kicked(&mut new), pb::KickReason::LoggedInElsewhere);
+    third.uplink(9, Bytes::from_static(b"z"));
+    g.advance_clock(5);
+    let a = ack(&mut third);
+    assert_eq!((a.msg_id, a.code), (9, ErrorCode::UpstreamTimeout as i32));
+    third.uplink(9, Bytes::from_static(b"z"));
+    eventually(|| up.held.lock().unwrap().len() == 2);
+}
+
 #[test]
 fn uplinks_past_the_rate_are_acked_rate_limited_and_may_be_resent() {
     let g = start(|c| {

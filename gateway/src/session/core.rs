@@ -179,7 +179,8 @@ pub struct Ended {
 
 /// What a new session of the same (user, device) takes over from the one it replaces, so
 /// that logging in again neither refills the rate bucket nor forgets which uplinks were
-/// already forwarded.
+/// already forwarded (answered, or still with the upstream: those answers are the new
+/// session's to send).
 #[derive(Debug, Default)]
 pub struct Carry {
     pub dedup: UplinkDedup,
@@ -361,10 +362,10 @@ impl SessionCore {
             return None;
         }
         let link = std::mem::replace(&mut self.link, Link::Ended);
-        let mut dedup = std::mem::take(&mut self.dedup);
-        // Answers to these go to the ended session: a resend to the new one must be
-        // forwarded again (the upstream may dedup by (user, device, msg_id)).
-        dedup.forget_in_flight();
+        // Uplinks still with the upstream stay in it as in flight: a login that carries
+        // the window on waits for their answers (the node sends each to the session holding
+        // the window by then) instead of forwarding the client's resend a second time.
+        let dedup = std::mem::take(&mut self.dedup);
         self.transient = ThinVec::new();
         self.flush_queued = false;
         Some(Ended {
@@ -499,6 +500,12 @@ impl SessionCore {
                 }
             }
         }
+    }
+
+    /// Whether the uplink `msg_id` is with the upstream as far as this session's window
+    /// knows (a window carried on from an ended session holds that session's too).
+    pub fn uplink_in_flight(&self, msg_id: u64) -> bool {
+        self.dedup.is_in_flight(msg_id)
     }
 
     /// The upstream answered the uplink `msg_id` with `code`.
