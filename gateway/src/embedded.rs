@@ -447,7 +447,10 @@ impl Upstream for ChatUpstream {
                 // buffer refused it start one.
                 let mut behind = Vec::new();
                 let me = session.id;
-                let report = {
+                let report = if mail.backlog.is_empty() {
+                    // The usual case, and one lookup fewer per member.
+                    hub.push_except(&Target::Room(room), &push, &mut |id| *id == me)
+                } else {
                     let mail = &mail;
                     hub.push_except(&Target::Room(room), &push, &mut |id| {
                         if *id == me {

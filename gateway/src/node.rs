@@ -319,6 +319,13 @@ fn random_id() -> SessionId {
     id
 }
 
+/// What pushes added to the node-wide metrics, counted once per push.
+#[derive(Default)]
+struct Tally {
+    buffered: i64,
+    downlinks: u64,
+}
+
 /// The class a platform belongs to for the `per-platform-class` policy.
 fn platform_class(p: Platform) -> u8 {
     match p {
@@ -596,14 +603,25 @@ impl Node {
     /// step with what `f` did to the buffer (one add to this thread's stripe, only when it
     /// changed).
     pub(crate) fn with_core<R>(&self, s: &Session, f: impl FnOnce(&mut SessionCore) -> R) -> R {
+        let mut moved = 0;
+        let r = Self::with_core_counted(s, &mut moved, f);
+        if moved != 0 {
+            self.metrics.buffered.add(moved);
+        }
+        r
+    }
+
+    /// [`with_core`](Self::with_core), adding the change in buffered bytes to `moved` for
+    /// the caller to count once (a push to many sessions: one atomic add, not one each).
+    fn with_core_counted<R>(
+        s: &Session,
+        moved: &mut i64,
+        f: impl FnOnce(&mut SessionCore) -> R,
+    ) -> R {
         let mut core = s.state.lock();
         let before = core.downlink_state().1;
         let r = f(&mut core);
-        let after = core.downlink_state().1;
-        drop(core);
-        if after != before {
-            self.metrics.buffered.add(after as i64 - before as i64);
-        }
+        *moved += core.downlink_state().1 as i64 - before as i64;
         r
     }
 
@@ -1080,11 +1098,14 @@ impl Node {
         let gz = self.gzip_of(push);
         let now = self.clock.now();
         let mut report = PushReport::default();
+        let mut tally = Tally::default();
         self.each_target(target, |s| {
             if !skip(&s.id) {
-                report.add(&s.id, self.deliver_at(s, push, gz.as_ref(), now))
+                let d = self.deliver_counted(s, push, gz.as_ref(), now, &mut tally);
+                report.add(&s.id, d)
             }
         });
+        self.count(tally);
         report
     }
 
@@ -1107,6 +1128,31 @@ impl Node {
 
     /// [`deliver`](Self::deliver) at `now` (read once by a pusher with many targets).
     pub fn deliver_at(&self, s: &Session, push: &Push, gz: Option<&Bytes>, now: Tick) -> Delivery {
+        let mut tally = Tally::default();
+        let d = self.deliver_counted(s, push, gz, now, &mut tally);
+        self.count(tally);
+        d
+    }
+
+    fn count(&self, tally: Tally) {
+        if tally.buffered != 0 {
+            self.metrics.buffered.add(tally.buffered);
+        }
+        if tally.downlinks != 0 {
+            self.metrics.downlinks.inc_by(tally.downlinks);
+        }
+    }
+
+    /// [`deliver_at`](Self::deliver_at), counted into `tally` (for the caller to add to
+    /// the metrics once per push, not once per session: shared atomics).
+    fn deliver_counted(
+        &self,
+        s: &Session,
+        push: &Push,
+        gz: Option<&Bytes>,
+        now: Tick,
+        tally: &mut Tally,
+    ) -> Delivery {
         let body = PushBody {
             body_type: push.body_type,
             plain: &push.body,
@@ -1114,11 +1160,11 @@ impl Node {
             receipt: push.receipt,
             transient: push.transient,
         };
-        let pushed = self.with_core(s, |core| core.push(&body, &self.session_limits, now));
+        let limits = &self.session_limits;
+        let moved = &mut tally.buffered;
+        let pushed = Self::with_core_counted(s, moved, |core| core.push(&body, limits, now));
         match pushed.delivery {
-            Delivery::Sent | Delivery::Held if !push.transient => {
-                self.metrics.downlinks.inc();
-            }
+            Delivery::Sent | Delivery::Held if !push.transient => tally.downlinks += 1,
             Delivery::Refused(r) => {
                 let label = match r {
                     Refusal::Full => "full",

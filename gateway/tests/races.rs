@@ -48,7 +48,6 @@ use common::*;
 use tether_codec::{Frame, Header, Limits};
 use tether_gateway::config::Config;
 use tether_gateway::embedded::ChatUpstream;
-use tether_gateway::node::SessionId;
 use tether_gateway::Gateway;
 use tether_protocol::pb::{self, ErrorCode, KickReason};
 
@@ -70,10 +69,6 @@ fn strict() -> bool {
 fn rounds(base: u64) -> u64 {
     let scale = std::env::var("TETHER_RACE_SCALE").ok();
     base * scale.and_then(|s| s.parse().ok()).unwrap_or(1)
-}
-
-fn sid(b: &Bytes) -> SessionId {
-    b.as_ref().try_into().expect("a 16-byte session id")
 }
 
 /// A seeded pause between two racing steps: no sleep, no clock, a few ns to some µs.

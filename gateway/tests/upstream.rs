@@ -690,3 +690,39 @@ fn an_answer_too_large_for_a_frame_still_reaches_the_client() {
         "what the client heard is what was done"
     );
 }
+
+/// A push to many sessions counts the metrics once for all of them (the node adds up what
+/// each member's buffer took); the figures still follow every member: buffered bytes and
+/// downlinks pushed, and the bytes go back to 0 as the members ack.
+#[test]
+fn a_room_push_counts_every_members_bytes_and_downlinks() {
+    let up = Arc::new(Silent::default());
+    let g = start_upstream(up, |_| {});
+    let node = g.node();
+    let mut members: Vec<Raw> = (0..5)
+        .map(|i| {
+            let mut c = Raw::connect(g.addrs()[0]);
+            let r = c.login(&format!("m{i}"), "phone", None);
+            let s = node.session(&sid(&r.session_id)).expect("session");
+            assert!(node.room_add("lobby", &s));
+            c
+        })
+        .collect();
+    let body = Bytes::from_static(b"twelve bytes");
+    let p = tether_gateway::node::Push::new(9, body.clone());
+    let room = tether_gateway::node::Target::Room("lobby".into());
+    assert_eq!(node.push(&room, &p).sent, 5);
+    assert_eq!(node.push(&room, &p).sent, 5);
+    assert_eq!(node.buffered_bytes(), 2 * 5 * body.len());
+    assert!(
+        node.metrics.encode().contains("tether_downlinks_total 10"),
+        "{}",
+        node.metrics.encode()
+    );
+    for c in &mut members {
+        assert_eq!(c.downlink(), (1, body.clone()));
+        assert_eq!(c.downlink(), (2, body.clone()));
+        c.ack(2);
+    }
+    eventually(|| node.buffered_bytes() == 0);
+}

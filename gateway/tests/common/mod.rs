@@ -165,6 +165,12 @@ pub fn start_chat(
     (start_upstream(chat.clone(), |to| *to = c), chat)
 }
 
+/// A session id from a LOGIN_RESULT's bytes.
+#[allow(dead_code)] // not every test file uses it
+pub fn sid(b: &Bytes) -> tether_gateway::upstream::SessionId {
+    b.as_ref().try_into().expect("a 16-byte session id")
+}
+
 pub fn token(user: &str, device: &str) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
