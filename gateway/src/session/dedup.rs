@@ -97,7 +97,7 @@ impl UplinkDedup {
 impl UplinkDedup {
     /// Whether `msg_id` is recorded as with the upstream.
     pub fn is_in_flight(&self, msg_id: u64) -> bool {
-        self.ring.iter().any(|&e| e == (msg_id, IN_FLIGHT))
+        self.ring.contains(&(msg_id, IN_FLIGHT))
     }
 
     /// The answered ids and their codes, oldest first (for a snapshot).
