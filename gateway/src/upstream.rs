@@ -70,8 +70,21 @@ pub struct Names {
 impl Names {
     /// Both ids (a frame bounds their length: far below `u32::MAX`).
     pub fn new(user: &str, device: &str) -> Names {
+        // One allocation, the Arc's: short names are joined on the stack first (a joined
+        // String would be a second, short-lived allocation per login, and those leave holes
+        // between the sessions' long-lived ones).
+        let mut buf = [0u8; 128];
+        let n = user.len() + device.len();
+        let both: Arc<str> = match buf.get_mut(..n) {
+            Some(b) => {
+                b[..user.len()].copy_from_slice(user.as_bytes());
+                b[user.len()..].copy_from_slice(device.as_bytes());
+                Arc::from(std::str::from_utf8(b).expect("two strs joined are UTF-8"))
+            }
+            None => Arc::from([user, device].concat()),
+        };
         Names {
-            both: Arc::from([user, device].concat()),
+            both,
             user_len: user.len() as u32,
         }
     }
@@ -348,10 +361,13 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        self.inner.answer(Outcome::err(
-            ErrorCode::Internal,
-            "the upstream dropped the request",
-        ))
+        let done = self.inner.done.lock().take();
+        if let Some(done) = done {
+            done(Outcome::err(
+                ErrorCode::Internal,
+                "the upstream dropped the request",
+            ))
+        }
     }
 }
 
@@ -414,5 +430,9 @@ mod tests {
         let n = Names::new("", "d");
         assert_eq!((n.user(), n.device()), ("", "d"));
         assert_ne!(Names::new("ab", "c"), Names::new("a", "bc"));
+        // Longer than the stack buffer: joined on the heap.
+        let (u, d) = ("u".repeat(100), "d".repeat(100));
+        let n = Names::new(&u, &d);
+        assert_eq!((n.user(), n.device()), (&*u, &*d));
     }
 }
