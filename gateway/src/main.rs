@@ -11,6 +11,14 @@ use tether_gateway::{supervisor, Gateway, Options};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Each worker's housekeeping: mimalloc gives this thread's freed pages back to the system
+/// now (after their purge delay), not at the thread's next allocations (W1: ~10 B less per
+/// idle connection right after a login burst; BENCHMARKS.md, issue 10, session 6).
+fn return_freed_memory() {
+    // SAFETY: mi_collect only walks the calling thread's own heap; it has no preconditions.
+    unsafe { libmimalloc_sys::mi_collect(false) }
+}
+
 /// The Tether IM gateway. Settings come from the TOML file, then `TETHER_*` environment
 /// variables, then flags (each overriding the one before).
 #[derive(Debug, Parser)]
@@ -138,6 +146,7 @@ fn main() -> std::process::ExitCode {
     });
     let options = Options {
         siblings,
+        housekeeping: Some(return_freed_memory),
         ..Options::default()
     };
     let gateway = match Gateway::start(config, options) {

@@ -30,6 +30,12 @@ pub struct Options {
     /// This process's siblings under a `--processes` supervisor: sessions are handed between
     /// them on resume ([`crate::handoff`]). `None`: a process on its own.
     pub siblings: Option<crate::handoff::Siblings>,
+    /// Called by each worker on its own thread once a second, from its timer step. The binary
+    /// passes its allocator's collect here, so that memory freed after a burst (a login or
+    /// reconnect storm) goes back to the system while the worker only serves heartbeats;
+    /// without it, mimalloc returns a thread's freed pages on that thread's later
+    /// allocations. `None`: nothing.
+    pub housekeeping: Option<fn()>,
 }
 
 /// A running gateway.
@@ -174,6 +180,7 @@ impl Gateway {
                 listeners,
                 rx,
                 slots,
+                options.housekeeping,
             )?);
         }
         node.set_workers(links);

@@ -100,6 +100,8 @@ pub(crate) struct Worker {
     /// so the queue is in deadline order).
     expiring: VecDeque<(Tick, Arc<Session>, u32)>,
     decoder: Decoder,
+    /// [`crate::server::Options::housekeeping`], and the second it last ran in.
+    housekeeping: Option<(fn(), Tick)>,
     /// Frames before login: no larger than `max_prelogin_bytes`.
     prelogin_decoder: Decoder,
     /// Connections awaiting login, by slot: their key with the node's pre-login counts.
@@ -208,6 +210,7 @@ impl Worker {
         mut listeners: Vec<Listener>,
         rx: Receiver<Cmd>,
         slots: usize,
+        housekeeping: Option<fn()>,
     ) -> io::Result<Worker> {
         for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
@@ -218,6 +221,7 @@ impl Worker {
             id,
             wheel: TimerWheel::new(node.config.timer_wheel_slots, now),
             decoder: Decoder::new(node.limits),
+            housekeeping: housekeeping.map(|f| (f, now)),
             prelogin_decoder: Decoder::new(node.config.prelogin_limits()),
             prelogin: Default::default(),
             unfinished: Vec::new(),
@@ -1159,6 +1163,12 @@ impl Worker {
 
     fn timers(&mut self, now: Tick) {
         self.node.expire_requests();
+        if let Some((f, at)) = &mut self.housekeeping {
+            if *at != now {
+                *at = now;
+                f();
+            }
+        }
         let mut due = Vec::new();
         self.wheel.advance(now, |_, id| due.push(id));
         for id in due {
