@@ -938,12 +938,23 @@ impl Harness {
             assert_eq!(self.answered.get(id), Some(code), "snapshot of uplink {id}");
             assert!(!self.in_flight.contains(id));
         }
+        let mut flying = snap.in_flight.clone();
+        flying.sort_unstable();
+        let mut want = self.in_flight.clone();
+        want.sort_unstable();
+        if self.limits.dedup_window > 0 {
+            assert_eq!(flying, want, "a snapshot's uplinks in flight");
+        } else {
+            // Nothing is recorded without a window: nothing waits here.
+            self.in_flight.clear();
+        }
         let now = self.now();
         self.core = SessionCore::restore(snap.clone(), now);
         assert_eq!(self.core.snapshot(), snap, "a restore keeps everything");
         self.answered = snap.dedup.iter().copied().collect();
-        // Answers to what was in flight go to the old process's (ended) session.
-        self.in_flight.clear();
+        // What was in flight stays in flight here: the old process relays the answers (the
+        // model's answers to them now reach this core). Late answers to an ended core of
+        // before are the old process's and go nowhere.
         self.orphans.clear();
         self.link = MLink::Detached(0);
         self.epoch = 0;

@@ -16,9 +16,13 @@
 //! sibling that does not answer within `handoff_timeout_ms` (restarted, gone) is treated as not
 //! holding the session: the login gets a fresh one, as PROTOCOL.md §6.6 allows.
 //!
-//! What does not move: uplinks still with the owner's upstream (their ids are not in the
-//! snapshot, so a resend of one is forwarded again: at-least-once for those, which the
-//! back end deduplicates by `msg_id`), and the owner's embedded back end's per-process state.
+//! Uplinks still with the owner's upstream move as ids in flight: the claimer's window waits
+//! for them (a resend is not forwarded again), the owner relays each answer when its upstream
+//! gives it (a one-way message to the claimer's socket), and the claimer acks it on the new
+//! connection, or answers `UPSTREAM_TIMEOUT` itself if no answer is relayed within the
+//! upstream timeout (the owner gone: the client may resend, and the back end sees it twice
+//! only if the first had reached it). What does not move: the owner's embedded back end's
+//! per-process state.
 //!
 //! [`EndReason::Moved`]: crate::upstream::EndReason::Moved
 
@@ -93,6 +97,15 @@ pub fn socket_path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("{index}.sock"))
 }
 
+/// What a sibling sends: a claim (answered with [`Handed`]) or a relayed answer (one way).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Ask {
+    #[prost(message, optional, tag = "1")]
+    claim: Option<Claim>,
+    #[prost(message, optional, tag = "2")]
+    relayed: Option<Relayed>,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 struct Claim {
     #[prost(bytes = "vec", tag = "1")]
@@ -101,6 +114,26 @@ struct Claim {
     user: String,
     #[prost(string, tag = "3")]
     device: String,
+    /// The claimer's process index (where answers to uplinks in flight are relayed).
+    #[prost(uint32, tag = "4")]
+    from: u32,
+}
+
+/// The upstream's answer to an uplink of a session that moved to the receiver.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Relayed {
+    #[prost(bytes = "vec", tag = "1")]
+    session_id: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    msg_id: u64,
+    #[prost(int32, tag = "3")]
+    code: i32,
+    #[prost(uint32, tag = "4")]
+    retry_after_ms: u32,
+    #[prost(string, tag = "5")]
+    message: String,
+    #[prost(bytes = "bytes", tag = "6")]
+    body: Bytes,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -131,6 +164,8 @@ struct Handed {
     platform: i32,
     #[prost(uint64, tag = "12")]
     sent: u64,
+    #[prost(uint64, repeated, tag = "13")]
+    in_flight: Vec<u64>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -184,6 +219,7 @@ impl Handed {
                     code: code as i32,
                 })
                 .collect(),
+            in_flight: s.in_flight,
             rooms: s.rooms,
             bucket_debt_milli: s.bucket.debt_at(now_ms, rate),
             accept_gzip: s.accept_gzip,
@@ -216,6 +252,7 @@ impl Handed {
                     (u.msg_id, code)
                 })
                 .collect(),
+            in_flight: self.in_flight,
             rooms: self.rooms,
             bucket: TokenBucket::owing(self.bucket_debt_milli, now_ms),
             accept_gzip: self.accept_gzip,
@@ -253,11 +290,24 @@ pub(crate) struct ClaimJob {
     pub pending: Box<PendingLogin>,
 }
 
+/// One answer the handoff thread relays to the sibling a session moved to.
+pub(crate) struct RelayJob {
+    pub to: usize,
+    pub session_id: SessionId,
+    pub msg_id: u64,
+    pub outcome: crate::upstream::Outcome,
+}
+
+enum Job {
+    Claim(ClaimJob),
+    Relay(RelayJob),
+}
+
 /// This process's side of the handoff: the socket it answers on, and the thread that makes
-/// its claims.
+/// its claims and relays answers.
 pub(crate) struct Handoff {
     pub siblings: Siblings,
-    claims: Sender<ClaimJob>,
+    claims: Sender<Job>,
     stop: Arc<AtomicBool>,
     threads: parking_lot::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -269,7 +319,7 @@ impl Handoff {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = crossbeam_channel::unbounded::<ClaimJob>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let answer = {
             let (node, stop) = (Arc::downgrade(node), stop.clone());
             std::thread::Builder::new()
@@ -291,7 +341,13 @@ impl Handoff {
     }
 
     pub(crate) fn claim(&self, job: ClaimJob) {
-        let _ = self.claims.send(job);
+        let _ = self.claims.send(Job::Claim(job));
+    }
+
+    /// Bounded like the uplinks it answers: at most the dedup window per moved session, for
+    /// the upstream timeout.
+    pub(crate) fn relay(&self, job: RelayJob) {
+        let _ = self.claims.send(Job::Relay(job));
     }
 
     /// Stops both threads and removes the socket.
@@ -326,15 +382,30 @@ fn answer_claims(node: std::sync::Weak<Node>, listener: UnixListener, stop: Arc<
         let Some(node) = node.upgrade() else { return };
         let _ = s.set_read_timeout(timeout(&node.config));
         let _ = s.set_write_timeout(timeout(&node.config));
-        let Ok(claim) = read_message::<Claim>(&mut s, max_message(&node.config)) else {
+        let Ok(ask) = read_message::<Ask>(&mut s, max_message(&node.config)) else {
             continue;
         };
+        if let Some(r) = ask.relayed {
+            if let Ok(id) = r.session_id.as_slice().try_into() {
+                Metrics::inc(&node.metrics.handoffs, "side", "relay_received");
+                let outcome = crate::upstream::Outcome {
+                    code: ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Internal),
+                    retry_after_ms: r.retry_after_ms,
+                    message: r.message,
+                    body: r.body,
+                };
+                node.relayed_answer(&id, r.msg_id, outcome);
+            }
+            continue;
+        }
+        let Some(claim) = ask.claim else { continue };
+        let from = u16::try_from(claim.from).unwrap_or(u16::MAX);
         let handed = claim
             .session_id
             .as_slice()
             .try_into()
             .ok()
-            .and_then(|id: SessionId| node.hand_off(&id, &claim.user, &claim.device))
+            .and_then(|id: SessionId| node.hand_off(&id, &claim.user, &claim.device, from))
             .map(|snap| {
                 let rate = node.config.uplink_rate;
                 Handed::from_snapshot(snap, node.clock.elapsed_ms(), rate)
@@ -350,7 +421,7 @@ fn answer_claims(node: std::sync::Weak<Node>, listener: UnixListener, stop: Arc<
 fn make_claims(
     node: std::sync::Weak<Node>,
     siblings: Siblings,
-    jobs: Receiver<ClaimJob>,
+    jobs: Receiver<Job>,
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::SeqCst) {
@@ -358,16 +429,52 @@ fn make_claims(
             continue;
         };
         let Some(node) = node.upgrade() else { return };
-        let claim = Claim {
-            session_id: job.session_id.to_vec(),
-            user: job.pending.id.user().to_owned(),
-            device: job.pending.id.device().to_owned(),
-        };
-        let asked = (|| {
-            let mut s = UnixStream::connect(siblings.socket(job.owner))?;
+        let connect = |to: usize| -> std::io::Result<UnixStream> {
+            let s = UnixStream::connect(siblings.socket(to))?;
             s.set_read_timeout(timeout(&node.config))?;
             s.set_write_timeout(timeout(&node.config))?;
-            write_message(&mut s, &claim)?;
+            Ok(s)
+        };
+        let job = match job {
+            Job::Claim(job) => job,
+            Job::Relay(r) => {
+                let o = r.outcome;
+                let ask = Ask {
+                    claim: None,
+                    relayed: Some(Relayed {
+                        session_id: r.session_id.to_vec(),
+                        msg_id: r.msg_id,
+                        code: o.code as i32,
+                        retry_after_ms: o.retry_after_ms,
+                        message: o.message,
+                        body: o.body,
+                    }),
+                };
+                let sent = connect(r.to).and_then(|mut s| write_message(&mut s, &ask));
+                let side = match sent {
+                    Ok(()) => "relayed",
+                    Err(e) => {
+                        // The sibling answers UPSTREAM_TIMEOUT itself.
+                        tracing::warn!(sibling = r.to, "relaying an uplink's answer failed: {e}");
+                        "relay_failed"
+                    }
+                };
+                Metrics::inc(&node.metrics.handoffs, "side", side);
+                continue;
+            }
+        };
+        let ask = Ask {
+            claim: Some(Claim {
+                session_id: job.session_id.to_vec(),
+                user: job.pending.id.user().to_owned(),
+                device: job.pending.id.device().to_owned(),
+                from: siblings.index as u32,
+            }),
+            relayed: None,
+        };
+        let asked = (|| {
+            let mut s = connect(job.owner)?;
+            write_message(&mut s, &ask)?;
             read_message::<Handed>(&mut s, max_message(&node.config))
         })();
         let snapshot = match asked {

@@ -188,7 +188,7 @@ impl Metrics {
             ),
             handoffs: reg!(
                 "handoffs",
-                "Sessions moved between sibling processes (--processes), by side: taken, given, failed (a claim no sibling answered)",
+                "Sessions moved between sibling processes (--processes), by side: taken, given, failed (a claim no sibling answered); and answers to uplinks in flight in a moved session: relayed (to the sibling), relay_failed, relay_received",
                 Family::default()
             ),
             awaiting_login: reg!(

@@ -303,6 +303,11 @@ pub struct Node {
     pending: Box<[crossbeam_utils::CachePadded<Mutex<Pending>>]>,
     /// With `--processes`: the sibling processes, and the handoff of sessions between them.
     pub(crate) handoff: OnceLock<crate::handoff::Handoff>,
+    /// Sessions handed to a sibling with uplinks still with this process's upstream: the
+    /// sibling to relay their answers to, until the upstream timeout (elapsed ms) passes.
+    moved_to: Mutex<HashMap<SessionId, (u16, u64)>>,
+    /// Uplinks in flight in sessions taken from a sibling (see [`Relays`]).
+    relayed: Mutex<Relays>,
 }
 
 impl std::fmt::Debug for Node {
@@ -317,6 +322,16 @@ fn random_id() -> SessionId {
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).expect("the OS random source failed");
     id
+}
+
+/// Uplinks in flight in sessions taken from a sibling process: each answered when the
+/// sibling relays its upstream's answer, or UPSTREAM_TIMEOUT here (the reply is watched). An
+/// answer relayed before the session is taken in (the claim's answer and the relay race)
+/// waits in `early` until then, for the upstream timeout at most.
+#[derive(Default)]
+struct Relays {
+    replies: HashMap<(SessionId, u64), Reply>,
+    early: HashMap<(SessionId, u64), (Outcome, u64)>,
 }
 
 /// What pushes added to the node-wide metrics, counted once per push.
@@ -366,6 +381,8 @@ impl Node {
                 .map(|_| Default::default())
                 .collect(),
             handoff: OnceLock::new(),
+            moved_to: Default::default(),
+            relayed: Default::default(),
         })
     }
 
@@ -744,6 +761,7 @@ impl Node {
         id: &SessionId,
         user: &str,
         device: &str,
+        to: u16,
     ) -> Option<crate::session::core::Snapshot> {
         let session = self.session(id)?;
         if session.user() != user || session.device() != device {
@@ -751,17 +769,68 @@ impl Node {
         }
         let mut snapshot = None;
         self.end_if(&session, EndReason::Moved, None, |core| {
-            snapshot = Some(core.snapshot());
+            let s = core.snapshot();
+            if !s.in_flight.is_empty() {
+                // Recorded under the session's lock: an answer that finds it ended finds
+                // this too.
+                let now = self.clock.elapsed_ms();
+                let until = now + self.config.upstream_timeout_ms as u64;
+                let mut moved = self.moved_to.lock();
+                moved.retain(|_, (_, t)| *t > now);
+                moved.insert(*id, (to, until));
+            }
+            snapshot = Some(s);
             true
         })?;
         snapshot
+    }
+
+    /// The upstream's answer to an uplink of a session that moved to a sibling: relayed to
+    /// it. False if the session did not move (or its answers are past relaying).
+    fn relay(&self, id: &SessionId, msg_id: u64, o: &Outcome) -> bool {
+        let to = {
+            let now = self.clock.elapsed_ms();
+            let moved = self.moved_to.lock();
+            match moved.get(id) {
+                Some(&(to, until)) if until > now => to,
+                _ => return false,
+            }
+        };
+        let Some(h) = self.handoff.get() else {
+            return false;
+        };
+        h.relay(crate::handoff::RelayJob {
+            to: to as usize,
+            session_id: *id,
+            msg_id,
+            outcome: o.clone(),
+        });
+        true
+    }
+
+    /// A sibling relayed its upstream's answer to an uplink of a session it handed here.
+    pub(crate) fn relayed_answer(&self, id: &SessionId, msg_id: u64, o: Outcome) {
+        let reply = {
+            let mut r = self.relayed.lock();
+            let reply = r.replies.remove(&(*id, msg_id));
+            if reply.is_none() {
+                let now = self.clock.elapsed_ms();
+                r.early.retain(|_, (_, until)| *until > now);
+                let until = now + self.config.upstream_timeout_ms as u64;
+                r.early.insert((*id, msg_id), (o.clone(), until));
+            }
+            reply
+        };
+        if let Some(reply) = reply {
+            reply.send(o)
+        }
     }
 
     /// Takes in a session a sibling process handed over: registered here under its id,
     /// detached, waiting for the resume that claimed it (or for its grace period). Returns the
     /// detach epoch to expire it by, or `None` if a session of that id is here already.
     pub(crate) fn adopt(
-        &self,
+        self: &Arc<Self>,
         id: SessionId,
         identity: &Names,
         snapshot: crate::session::core::Snapshot,
@@ -771,6 +840,7 @@ impl Node {
             return None;
         }
         let platform = snapshot.platform;
+        let in_flight = snapshot.in_flight.clone();
         let core = SessionCore::restore(snapshot, now);
         let rooms: Vec<Arc<str>> = core.rooms().to_vec();
         let session = Arc::new(Session {
@@ -785,6 +855,26 @@ impl Node {
         self.register(&session, platform, false);
         for room in rooms {
             self.room_insert_entry(room, &session);
+        }
+        let mut relays = self.relayed.lock();
+        for msg_id in in_flight {
+            let key = (id, msg_id);
+            if let Some((o, _)) = relays.early.remove(&key) {
+                // Answered already: the window has it for the resend (the session is not
+                // attached yet: no ack to send).
+                session.state.lock().uplink_answered(msg_id, o.code);
+                continue;
+            }
+            let (node, s, start) = (Arc::downgrade(self), session.clone(), Instant::now());
+            let reply = Reply::new(move |o: Outcome| {
+                if let Some(node) = node.upgrade() {
+                    let gone = node.relayed.lock().replies.remove(&key);
+                    drop(gone);
+                    node.uplink_done(&s, msg_id, o, start);
+                }
+            });
+            self.watch(&reply);
+            relays.replies.insert(key, reply);
         }
         Some(0)
     }
@@ -1266,6 +1356,10 @@ impl Node {
                     core.uplink_in_flight(msg_id).then(|| answer(&mut core))
                 }),
         };
+        if link.is_none() && self.relay(&s.id, msg_id, &o) {
+            // It moved to a sibling process, which acks it there.
+            return;
+        }
         if let Some(Link::Attached(c)) = link {
             let o = self.answer_that_fits(o);
             self.send(c.worker, Cmd::Send(c, uplink_ack(msg_id, &o)));

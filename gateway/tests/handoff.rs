@@ -6,6 +6,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::*;
@@ -13,11 +14,19 @@ use tether_codec::Header;
 use tether_gateway::clock::Clock;
 use tether_gateway::handoff::Siblings;
 use tether_gateway::node::{Push, Target};
+use tether_gateway::upstream::{Downlink, EndReason, Hub, Reply, SessionInfo, Uplink, Upstream};
 use tether_gateway::{Gateway, Options};
 use tether_protocol::pb::{self, ErrorCode, KickReason};
 
 /// Two sibling gateways sharing a handoff directory of their own.
 fn siblings() -> (Gateway, Gateway, std::path::PathBuf) {
+    siblings_with(|_| None)
+}
+
+/// [`siblings`], with the upstream `up(index)` gives (`None`: the embedded one).
+fn siblings_with(
+    up: impl Fn(usize) -> Option<Arc<dyn Upstream>>,
+) -> (Gateway, Gateway, std::path::PathBuf) {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "tether-handoff-test-{}-{}",
@@ -27,10 +36,13 @@ fn siblings() -> (Gateway, Gateway, std::path::PathBuf) {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let start = |index| {
+        let mut c = config();
+        c.upstream_timeout_ms = 5_000;
         Gateway::start(
-            config(),
+            c,
             Options {
                 clock: Some(Clock::manual()),
+                upstream: up(index),
                 siblings: Some(Siblings {
                     index,
                     count: 2,
@@ -173,4 +185,89 @@ fn a_claim_nobody_answers_gets_a_fresh_session() {
         m.contains("tether_handoffs_total{side=\"failed\"} 1"),
         "{m}"
     );
+}
+
+/// Holds every uplink's reply until the test answers it.
+#[derive(Default)]
+struct Holder {
+    held: Mutex<Vec<Reply>>,
+    forwarded: AtomicUsize,
+}
+
+impl Upstream for Holder {
+    fn session_opened(&self, _: &dyn Hub, _: &SessionInfo, _: &Bytes) {}
+    fn session_ended(&self, _: &dyn Hub, _: &SessionInfo, _: EndReason, _: &[Downlink]) {}
+    fn uplink(&self, _: &dyn Hub, _: &SessionInfo, _: Uplink, reply: Reply) {
+        self.forwarded.fetch_add(1, Ordering::SeqCst);
+        self.held.lock().unwrap().push(reply);
+    }
+    fn room_join(&self, _: &dyn Hub, _: &SessionInfo, _: &str, _: Bytes, reply: Reply) {
+        reply.ok()
+    }
+    fn room_leave(&self, _: &dyn Hub, _: &SessionInfo, _: &str, reply: Reply) {
+        reply.ok()
+    }
+    fn delivered(&self, _: &dyn Hub, _: &SessionInfo, _: &[u64]) {}
+}
+
+fn pong(c: &mut Raw) {
+    c.send(&tether_codec::Frame::new(Header::Ping(pb::Ping {})));
+    assert!(
+        matches!(c.recv().header, Header::Pong(_)),
+        "nothing before the PONG"
+    );
+}
+
+/// An uplink still with the first process's upstream when the session moves: the resend on
+/// the sibling is not forwarded there, the first process relays its upstream's answer, and
+/// the client gets it on its new connection; with no answer relayed, the sibling answers
+/// UPSTREAM_TIMEOUT itself at the upstream timeout (and a late answer goes nowhere). Before,
+/// the moved window forgot what was in flight: the resend was forwarded a second time.
+#[test]
+fn an_uplink_in_flight_when_its_session_moves_is_answered_on_the_sibling() {
+    let ups = [Arc::new(Holder::default()), Arc::new(Holder::default())];
+    let (a, b, _dir) = siblings_with(|i| Some(ups[i].clone() as Arc<dyn Upstream>));
+    let mut c = Raw::connect(a.addrs()[0]);
+    let r = c.login("alice", "phone", None);
+    c.uplink(7, Bytes::from_static(b"x"));
+    c.uplink(8, Bytes::from_static(b"y"));
+    eventually(|| ups[0].held.lock().unwrap().len() == 2);
+    drop(c);
+    eventually(|| a.node().connections() == 0);
+
+    let mut c = Raw::connect(b.addrs()[0]);
+    let r2 = c.login("alice", "phone", Some((r.session_id.clone(), 0)));
+    assert!(r2.resumed);
+    c.uplink(7, Bytes::from_static(b"x"));
+    pong(&mut c);
+    assert_eq!(
+        ups[1].forwarded.load(Ordering::SeqCst),
+        0,
+        "7 not forwarded again"
+    );
+    // The first process's upstream answers 7: relayed, acked here.
+    ups[0].held.lock().unwrap().remove(0).ok();
+    assert_eq!(ack_code(&mut c), (7, ErrorCode::Ok as i32));
+    c.uplink(7, Bytes::from_static(b"x"));
+    assert_eq!(ack_code(&mut c), (7, ErrorCode::Ok as i32));
+    // 8 gets no answer: the sibling times it out itself, and the resend then goes to its
+    // own upstream.
+    b.advance_clock(5);
+    assert_eq!(ack_code(&mut c), (8, ErrorCode::UpstreamTimeout as i32));
+    ups[0].held.lock().unwrap().remove(0).ok();
+    pong(&mut c);
+    c.uplink(8, Bytes::from_static(b"y"));
+    eventually(|| ups[1].forwarded.load(Ordering::SeqCst) == 1);
+    // The late answer to 8 reaches the sibling too, and changes nothing there.
+    eventually(|| {
+        let mb = b.node().metrics.encode();
+        mb.contains("tether_handoffs_total{side=\"relay_received\"} 2")
+    });
+    let ma = a.node().metrics.encode();
+    assert!(
+        ma.contains("tether_handoffs_total{side=\"relayed\"} 2"),
+        "{ma}"
+    );
+    pong(&mut c);
+    assert_eq!(ups[1].forwarded.load(Ordering::SeqCst), 1);
 }

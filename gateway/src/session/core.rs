@@ -196,8 +196,11 @@ pub struct Snapshot {
     pub acked: u64,
     pub unacked: Vec<Downlink>,
     pub lost: Option<(u64, u64)>,
-    /// Recent uplink ids and their outcome code (in-flight ones are not carried).
+    /// Recent uplink ids and their outcome code.
     pub dedup: Vec<(u64, ErrorCode)>,
+    /// Uplink ids still with the upstream of the process the session leaves: restored as in
+    /// flight, their answers relayed by that process (`handoff`), or timed out here.
+    pub in_flight: Vec<u64>,
     pub rooms: Vec<String>,
     pub bucket: TokenBucket,
     pub accept_gzip: bool,
@@ -665,6 +668,7 @@ impl SessionCore {
             unacked: self.downlink.iter().cloned().collect(),
             lost: self.downlink.lost(),
             dedup: self.dedup.done_entries(),
+            in_flight: self.dedup.in_flight_ids(),
             rooms: self.rooms.iter().map(|r| r.to_string()).collect(),
             bucket: self.bucket,
             accept_gzip: self.accept_gzip,
@@ -680,7 +684,7 @@ impl SessionCore {
         // `last_seq` as sent let a resume's `last_seq` past it release downlinks never sent).
         let sent = s.sent.min(s.last_seq);
         SessionCore {
-            dedup: UplinkDedup::from_done(&s.dedup),
+            dedup: UplinkDedup::from_snapshot(&s.dedup, &s.in_flight),
             link: Link::Detached { epoch: 0 },
             // What a resume may take as the highest seq sent: what the owner wrote (the
             // client may have got any of it before the move).

@@ -110,13 +110,23 @@ impl UplinkDedup {
             .collect()
     }
 
-    /// A window holding these answered ids (from a snapshot).
-    pub fn from_done(entries: &[(u64, ErrorCode)]) -> UplinkDedup {
+    /// The ids still with the upstream (for a snapshot).
+    pub fn in_flight_ids(&self) -> Vec<u64> {
+        self.ring
+            .iter()
+            .filter(|e| e.1 == IN_FLIGHT)
+            .map(|e| e.0)
+            .collect()
+    }
+
+    /// A window holding these answered ids and these ids in flight (from a snapshot).
+    pub fn from_snapshot(done: &[(u64, ErrorCode)], in_flight: &[u64]) -> UplinkDedup {
         UplinkDedup {
-            ring: entries
+            ring: done
                 .iter()
-                .filter(|(id, _)| *id != 0)
                 .map(|&(id, code)| (id, code as i32))
+                .chain(in_flight.iter().map(|&id| (id, IN_FLIGHT)))
+                .filter(|(id, _)| *id != 0)
                 .collect(),
             next: 0,
         }
@@ -180,7 +190,7 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_keeps_the_answers_and_not_what_is_in_flight() {
+    fn a_snapshot_keeps_the_answers_and_what_is_in_flight_apart() {
         let mut d = UplinkDedup::default();
         for id in [1, 2, 3] {
             d.check(id, 8);
@@ -189,10 +199,16 @@ mod tests {
         d.complete(3, ErrorCode::Rejected);
         let done = d.done_entries();
         assert_eq!(done, [(1, ErrorCode::Ok), (3, ErrorCode::Rejected)]);
-        let mut r = UplinkDedup::from_done(&done);
+        assert_eq!(d.in_flight_ids(), [2]);
+        let mut r = UplinkDedup::from_snapshot(&done, &[]);
         assert_eq!(r.check(3, 8), Seen::Done(ErrorCode::Rejected));
         assert_eq!(r.check(2, 8), Seen::New);
         assert!(d.is_in_flight(2) && !d.is_in_flight(1) && !d.is_in_flight(4));
+        // Restored with what was in flight: a resend waits for the relayed answer.
+        let mut r = UplinkDedup::from_snapshot(&done, &d.in_flight_ids());
+        assert_eq!(r.check(2, 8), Seen::InFlight);
+        r.complete(2, ErrorCode::Ok);
+        assert_eq!(r.check(2, 8), Seen::Done(ErrorCode::Ok));
     }
 
     #[test]
