@@ -139,7 +139,7 @@ settings! {
     max_transient: usize = crate::session::core::DEFAULT_MAX_TRANSIENT, "TETHER_MAX_TRANSIENT";
     /// Rooms one session may be in; a ROOM_JOIN past it gets ROOM_FORBIDDEN before the upstream sees it [default: 256].
     max_rooms_per_session: usize = crate::session::core::DEFAULT_MAX_ROOMS, "TETHER_MAX_ROOMS_PER_SESSION";
-    /// Recent uplink ids remembered per session for dedup; also the most uplinks a session may have with the upstream at once [default: 128].
+    /// Recent uplink ids remembered per session for dedup; also the most uplinks a session may have with the upstream at once; 1 to 65536 [default: 128].
     dedup_window: usize = crate::session::dedup::DEFAULT_DEDUP_WINDOW, "TETHER_DEDUP_WINDOW";
     /// Which earlier sessions a login replaces [default: per-device].
     multi_device: MultiDevice = MultiDevice::PerDevice, "TETHER_MULTI_DEVICE";
@@ -171,7 +171,7 @@ settings! {
     upstream_timeout_ms: u32 = 10_000, "TETHER_UPSTREAM_TIMEOUT_MS";
     /// UPLINKs (and ROOM_JOIN/ROOM_LEAVE) a session may send per second on average; past it they are answered RATE_LIMITED; the bucket carries over to a new login of the same device; 0: no limit [default: 50].
     uplink_rate: u32 = 50, "TETHER_UPLINK_RATE";
-    /// UPLINKs a session may send in a burst above the rate [default: 100].
+    /// UPLINKs a session may send in a burst above the rate; at most 1000000 [default: 100].
     uplink_burst: u32 = 100, "TETHER_UPLINK_BURST";
     /// Embedded upstream: messages kept per offline user, or waiting for one live session's acks [default: 1000].
     offline_max_messages: usize = 1_000, "TETHER_OFFLINE_MAX_MESSAGES";
@@ -197,6 +197,9 @@ pub const DEFAULT_MAX_PRELOGIN_BYTES: u32 = 8 * 1024;
 pub const MIN_PRELOGIN_BYTES: u32 = 1024;
 /// Default of `read_budget_bytes`: four reads of the worker's buffer.
 pub const DEFAULT_READ_BUDGET_BYTES: usize = 4 * crate::worker::READ_CHUNK;
+
+/// Largest burst a token bucket takes (`uplink_burst`, the login bursts).
+pub const MAX_BURST: u32 = 1_000_000;
 
 /// Descriptors kept back from `max_connections` when it is derived from the process's limit:
 /// listeners, epoll and eventfd per worker, the admin server's connections, log files.
@@ -349,11 +352,25 @@ impl Config {
                 tether_codec::ABSOLUTE_MAX_FRAME_LEN
             ));
         }
-        if self.dedup_window > crate::session::dedup::MAX_DEDUP_WINDOW {
+        if !(1..=crate::session::dedup::MAX_DEDUP_WINDOW).contains(&self.dedup_window) {
+            // 0 would remember nothing, and so bound nothing: uplinks in flight per session
+            // would be limited by the rate bucket alone.
             return Err(format!(
-                "dedup_window must be at most {}",
+                "dedup_window must be 1 to {} (it also bounds a session's uplinks in flight)",
                 crate::session::dedup::MAX_DEDUP_WINDOW
             ));
+        }
+        if self.max_unacked_frames == 0 || self.max_unacked_bytes == 0 {
+            return Err("max_unacked_frames and max_unacked_bytes must be positive".into());
+        }
+        let bursts = [
+            ("uplink_burst", self.uplink_burst),
+            ("login_burst_per_device", self.login_burst_per_device),
+            ("login_burst_per_user", self.login_burst_per_user),
+        ];
+        if let Some((name, _)) = bursts.iter().find(|(_, b)| *b > MAX_BURST) {
+            // A bucket counts thousandths of a token in 32 bits.
+            return Err(format!("{name} must be at most {MAX_BURST}"));
         }
         if !(1..=MAX_PROCESSES).contains(&self.processes) {
             return Err(format!("processes must be 1 to {MAX_PROCESSES}"));

@@ -455,4 +455,50 @@ mod tests {
         // Port 0 would give each process a port of its own.
         assert!(with(2, "127.0.0.1:0").validate().is_err());
     }
+
+    /// Limits whose zero (or whose largest values) would bound nothing, or overflow.
+    #[test]
+    fn session_limits_that_bound_nothing_are_refused() {
+        let ok = || Config {
+            listen: vec!["127.0.0.1:0".into()],
+            dev_auth: true,
+            ..Config::default()
+        };
+        assert!(ok().validate().is_ok());
+        let refused = [
+            Config {
+                dedup_window: 0,
+                ..ok()
+            },
+            Config {
+                max_unacked_frames: 0,
+                ..ok()
+            },
+            Config {
+                max_unacked_bytes: 0,
+                ..ok()
+            },
+            Config {
+                uplink_burst: crate::config::MAX_BURST + 1,
+                ..ok()
+            },
+            Config {
+                login_burst_per_device: u32::MAX,
+                ..ok()
+            },
+            Config {
+                login_burst_per_user: u32::MAX,
+                ..ok()
+            },
+        ];
+        for c in refused {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+        let edge = Config {
+            uplink_burst: crate::config::MAX_BURST,
+            dedup_window: 1,
+            ..ok()
+        };
+        assert!(edge.validate().is_ok());
+    }
 }
