@@ -25,6 +25,12 @@
 //! whose backlog is full misses that room message (the room does not wait for its slowest
 //! member).
 //! Rooms are open: any room id can be joined, up to `room_max_members`.
+//!
+//! It accepts each uplink once per device: the ids it accepted are kept per (user, device),
+//! the last `dedup_window` of each, for `accepted_max_devices` devices (the longest idle
+//! forgotten first), so that a resend the gateway's window no longer knows (its session was
+//! kicked or expired before the client heard the ack: PROTOCOL.md §6.4) is acked again and
+//! not delivered twice.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -37,8 +43,8 @@ use tether_protocol::pb::ErrorCode;
 
 use crate::config::Config;
 use crate::upstream::{
-    Delivery, Downlink, EndReason, Hub, Outcome, Push, Refusal, Reply, SessionId, SessionInfo,
-    Target, Uplink, Upstream,
+    Delivery, Downlink, EndReason, Hub, Names, Outcome, Push, Refusal, Reply, SessionId,
+    SessionInfo, Target, Uplink, Upstream,
 };
 
 /// The body_type of `tether.chat.v1.ChatMessage`.
@@ -63,6 +69,57 @@ struct Queue {
     bytes: usize,
 }
 
+/// Uplink ids accepted per device (see the module docs), least recently used first out.
+#[derive(Debug, Default)]
+struct Accepted {
+    by_device: HashMap<Names, (VecDeque<u64>, u64)>,
+    /// (device, its use stamp then), oldest first; an entry whose stamp is not the device's
+    /// current one is stale (the device was used since) and skipped.
+    order: VecDeque<(Names, u64)>,
+    stamp: u64,
+}
+
+impl Accepted {
+    fn contains(&self, device: &Names, msg_id: u64) -> bool {
+        self.by_device
+            .get(device)
+            .is_some_and(|(ids, _)| ids.contains(&msg_id))
+    }
+
+    fn record(&mut self, device: &Names, msg_id: u64, per_device: usize, max_devices: usize) {
+        if per_device == 0 || max_devices == 0 {
+            return;
+        }
+        self.stamp += 1;
+        let stamp = self.stamp;
+        let (ids, at) = self.by_device.entry(device.clone()).or_default();
+        if ids.len() >= per_device {
+            ids.pop_front();
+        }
+        ids.push_back(msg_id);
+        *at = stamp;
+        self.order.push_back((device.clone(), stamp));
+        while self.by_device.len() > max_devices {
+            let Some((d, s)) = self.order.pop_front() else {
+                break;
+            };
+            if self.by_device.get(&d).is_some_and(|(_, at)| *at == s) {
+                self.by_device.remove(&d);
+            }
+        }
+        if self.order.len() > 2 * self.by_device.len() + 16 {
+            // Stale entries would pile up for a device that sends a lot: rebuilt, in use order.
+            let mut live: Vec<(Names, u64)> = self
+                .by_device
+                .iter()
+                .map(|(d, (_, at))| (d.clone(), *at))
+                .collect();
+            live.sort_unstable_by_key(|(_, at)| *at);
+            self.order = live.into();
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Mail {
     /// Users with no session: delivered to their next fresh session.
@@ -72,6 +129,7 @@ struct Mail {
     backlog: HashMap<SessionId, Queue>,
     /// Body bytes in all of the above.
     bytes: usize,
+    accepted: Accepted,
 }
 
 /// The reference chat upstream.
@@ -84,6 +142,8 @@ pub struct ChatUpstream {
     max_user_bytes: usize,
     max_total_bytes: usize,
     room_max_members: usize,
+    accepted_per_device: usize,
+    accepted_max_devices: usize,
     next_id: AtomicU64,
     /// Sessions with a backlog (`mail.backlog.len()`, stored under the lock after every
     /// change), so that an ack's receipts take the lock only when something waits. A pusher
@@ -93,6 +153,8 @@ pub struct ChatUpstream {
     backlogged: AtomicUsize,
     /// Delivery receipts received (for tests and metrics).
     pub receipts: AtomicU64,
+    /// Resends acked again without delivering (for tests and metrics).
+    pub resends: AtomicU64,
 }
 
 impl ChatUpstream {
@@ -105,10 +167,18 @@ impl ChatUpstream {
             max_user_bytes: config.offline_max_user_bytes,
             max_total_bytes: config.offline_max_total_bytes,
             room_max_members: config.room_max_members,
+            accepted_per_device: config.dedup_window,
+            accepted_max_devices: config.accepted_max_devices,
             next_id: AtomicU64::new(1),
             backlogged: AtomicUsize::new(0),
             receipts: AtomicU64::new(0),
+            resends: AtomicU64::new(0),
         }
+    }
+
+    /// Devices whose accepted uplink ids are remembered.
+    pub fn accepted_devices(&self) -> usize {
+        self.mail.lock().accepted.by_device.len()
     }
 
     /// Messages waiting for a user who has no session.
@@ -399,6 +469,12 @@ impl Upstream for ChatUpstream {
         };
         let len = stored.body.len();
         let mut mail = self.mail.lock();
+        if mail.accepted.contains(&session.names, uplink.msg_id) {
+            // Accepted before, from this device: the client did not hear the ack.
+            drop(mail);
+            self.resends.fetch_add(1, Ordering::Relaxed);
+            return reply.ok();
+        }
         match msg.target.clone() {
             Some(ChatTarget::ToUser(user)) => {
                 if user.is_empty() {
@@ -488,6 +564,9 @@ impl Upstream for ChatUpstream {
                 self.send(hub, &mut mail, &session.id, waiting, &push, &stored);
             }
         }
+        let (per_device, max_devices) = (self.accepted_per_device, self.accepted_max_devices);
+        mail.accepted
+            .record(&session.names, uplink.msg_id, per_device, max_devices);
         drop(mail);
         reply.ok();
     }

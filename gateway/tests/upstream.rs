@@ -726,3 +726,83 @@ fn a_room_push_counts_every_members_bytes_and_downlinks() {
     }
     eventually(|| node.buffered_bytes() == 0);
 }
+
+/// The embedded back end accepts an uplink once per device. A session that ends with no login
+/// of its device replacing it (kicked, expired) takes the gateway's window with it, so the
+/// client's resend of an uplink whose ack it never heard reaches the back end again: acked
+/// OK, not delivered a second time. Before, the recipient got it twice. The ids are kept for
+/// `accepted_max_devices` devices, the longest idle forgotten first.
+#[test]
+fn the_embedded_back_end_acks_a_resend_after_its_session_ended_without_delivering_it_again() {
+    let (g, chat) = start_chat(|c| {
+        c.resume_grace_secs = 5;
+        c.accepted_max_devices = 3;
+    });
+    let addr = g.addrs()[0];
+    let mut bob = Raw::connect(addr);
+    bob.login("bob", "phone", None);
+    let bob_s = g.node().user_sessions("bob")[0].clone();
+    // Every delivery to bob takes a seq (the embedded back end delivers within the uplink
+    // call, before its ack).
+    let pushed_to_bob = || bob_s.downlink_state().2;
+    let mut alice = Raw::connect(addr);
+    alice.login("alice", "phone", None);
+    alice.uplink(5, chat_to_user("bob", "once"));
+    assert_eq!(ack(&mut alice).code, ErrorCode::Ok as i32);
+    let (seq, body) = bob.downlink();
+    assert_eq!(text_of(&body), "once");
+    bob.ack(seq);
+
+    // Kicked before it heard the ack (as far as the client knows): it logs in afresh and
+    // resends.
+    g.node().kick_user("alice", pb::KickReason::Admin);
+    assert_eq!(kicked(&mut alice), pb::KickReason::Admin);
+    let mut alice = Raw::connect(addr);
+    alice.login("alice", "phone", None);
+    alice.uplink(5, chat_to_user("bob", "once"));
+    let a = ack(&mut alice);
+    assert_eq!((a.msg_id, a.code), (5, ErrorCode::Ok as i32));
+    assert_eq!(pushed_to_bob(), 1, "delivered once");
+    assert_eq!(chat.resends.load(Ordering::SeqCst), 1);
+
+    // Expired: the same.
+    alice.uplink(6, chat_to_user("bob", "twice?"));
+    assert_eq!(ack(&mut alice).code, ErrorCode::Ok as i32);
+    let (seq, _) = bob.downlink();
+    bob.ack(seq);
+    drop(alice);
+    eventually(|| {
+        g.node()
+            .user_sessions("alice")
+            .iter()
+            .all(|s| !s.is_attached())
+    });
+    g.advance_clock(6);
+    eventually(|| g.node().user_sessions("alice").is_empty());
+    let mut alice = Raw::connect(addr);
+    alice.login("alice", "phone", None);
+    alice.uplink(6, chat_to_user("bob", "twice?"));
+    assert_eq!(ack(&mut alice).code, ErrorCode::Ok as i32);
+    // Another device's id 6 is its own message.
+    let mut tablet = Raw::connect(addr);
+    tablet.login("alice", "tablet", None);
+    tablet.uplink(6, chat_to_user("bob", "from the tablet"));
+    assert_eq!(ack(&mut tablet).code, ErrorCode::Ok as i32);
+    let (seq, body) = bob.downlink();
+    assert_eq!(text_of(&body), "from the tablet");
+    bob.ack(seq);
+    assert_eq!(pushed_to_bob(), 3, "each delivered once");
+    assert_eq!(chat.resends.load(Ordering::SeqCst), 2);
+
+    // Bounded in devices: the longest idle goes first.
+    assert_eq!(chat.accepted_devices(), 2);
+    for d in ["d1", "d2"] {
+        let mut c = Raw::connect(addr);
+        c.login("carol", d, None);
+        c.uplink(1, chat_to_user("bob", d));
+        assert_eq!(ack(&mut c).code, ErrorCode::Ok as i32);
+        let (seq, _) = bob.downlink();
+        bob.ack(seq);
+    }
+    assert_eq!(chat.accepted_devices(), 3);
+}
