@@ -305,7 +305,7 @@ pub struct Node {
     pub(crate) handoff: OnceLock<crate::handoff::Handoff>,
     /// Sessions handed to a sibling with uplinks still with this process's upstream: the
     /// sibling to relay their answers to, until the upstream timeout (elapsed ms) passes.
-    moved_to: Mutex<HashMap<SessionId, (u16, u64)>>,
+    moved_to: Mutex<Expiring<SessionId, u16>>,
     /// Uplinks in flight in sessions taken from a sibling (see [`Relays`]).
     relayed: Mutex<Relays>,
 }
@@ -331,7 +331,54 @@ fn random_id() -> SessionId {
 #[derive(Default)]
 struct Relays {
     replies: HashMap<(SessionId, u64), Reply>,
-    early: HashMap<(SessionId, u64), (Outcome, u64)>,
+    early: Expiring<(SessionId, u64), Outcome>,
+}
+
+/// A map whose entries lapse at a deadline (elapsed ms). Deadlines are inserted in order
+/// (now + a fixed timeout), so lapsed entries leave from the front of a FIFO: pruning is O(1)
+/// per entry, however many there are.
+struct Expiring<K, V> {
+    map: HashMap<K, (V, u64)>,
+    order: std::collections::VecDeque<(u64, K)>,
+}
+
+impl<K, V> Default for Expiring<K, V> {
+    fn default() -> Self {
+        Expiring {
+            map: HashMap::new(),
+            order: Default::default(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy, V> Expiring<K, V> {
+    fn prune(&mut self, now: u64) {
+        while let Some(&(until, k)) = self.order.front() {
+            if until > now {
+                break;
+            }
+            self.order.pop_front();
+            if self.map.get(&k).is_some_and(|(_, u)| *u == until) {
+                self.map.remove(&k);
+            }
+        }
+    }
+
+    fn insert(&mut self, k: K, v: V, now: u64, until: u64) {
+        self.prune(now);
+        self.map.insert(k, (v, until));
+        self.order.push_back((until, k));
+    }
+
+    fn get(&mut self, k: &K, now: u64) -> Option<&V> {
+        self.prune(now);
+        self.map.get(k).map(|(v, _)| v)
+    }
+
+    fn remove(&mut self, k: &K, now: u64) -> Option<V> {
+        self.prune(now);
+        self.map.remove(k).map(|(v, _)| v)
+    }
 }
 
 /// What pushes added to the node-wide metrics, counted once per push.
@@ -775,9 +822,7 @@ impl Node {
                 // this too.
                 let now = self.clock.elapsed_ms();
                 let until = now + self.config.upstream_timeout_ms as u64;
-                let mut moved = self.moved_to.lock();
-                moved.retain(|_, (_, t)| *t > now);
-                moved.insert(*id, (to, until));
+                self.moved_to.lock().insert(*id, to, now, until);
             }
             snapshot = Some(s);
             true
@@ -788,13 +833,9 @@ impl Node {
     /// The upstream's answer to an uplink of a session that moved to a sibling: relayed to
     /// it. False if the session did not move (or its answers are past relaying).
     fn relay(&self, id: &SessionId, msg_id: u64, o: &Outcome) -> bool {
-        let to = {
-            let now = self.clock.elapsed_ms();
-            let moved = self.moved_to.lock();
-            match moved.get(id) {
-                Some(&(to, until)) if until > now => to,
-                _ => return false,
-            }
+        let now = self.clock.elapsed_ms();
+        let Some(to) = self.moved_to.lock().get(id, now).copied() else {
+            return false;
         };
         let Some(h) = self.handoff.get() else {
             return false;
@@ -815,9 +856,8 @@ impl Node {
             let reply = r.replies.remove(&(*id, msg_id));
             if reply.is_none() {
                 let now = self.clock.elapsed_ms();
-                r.early.retain(|_, (_, until)| *until > now);
                 let until = now + self.config.upstream_timeout_ms as u64;
-                r.early.insert((*id, msg_id), (o.clone(), until));
+                r.early.insert((*id, msg_id), o.clone(), now, until);
             }
             reply
         };
@@ -857,9 +897,10 @@ impl Node {
             self.room_insert_entry(room, &session);
         }
         let mut relays = self.relayed.lock();
+        let now_ms = self.clock.elapsed_ms();
         for msg_id in in_flight {
             let key = (id, msg_id);
-            if let Some((o, _)) = relays.early.remove(&key) {
+            if let Some(o) = relays.early.remove(&key, now_ms) {
                 // Answered already: the window has it for the resend (the session is not
                 // attached yet: no ack to send).
                 session.state.lock().uplink_answered(msg_id, o.code);
@@ -1574,5 +1615,28 @@ impl Hub for Node {
 
     fn unix_ms(&self) -> u64 {
         self.clock.unix_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Expiring;
+
+    #[test]
+    fn expiring_entries_lapse_at_their_deadline_and_a_renewed_one_keeps_its_new_one() {
+        let mut e: Expiring<u32, &str> = Expiring::default();
+        e.insert(1, "a", 0, 100);
+        e.insert(2, "b", 10, 110);
+        assert_eq!(e.get(&1, 99), Some(&"a"));
+        assert_eq!(e.get(&1, 100), None, "lapsed at its deadline");
+        assert_eq!(e.get(&2, 100), Some(&"b"));
+        // Renewed: the old deadline's FIFO entry must not take the new one with it.
+        e.insert(2, "c", 105, 205);
+        assert_eq!(e.get(&2, 150), Some(&"c"));
+        assert_eq!(e.remove(&2, 150), Some("c"));
+        assert_eq!(e.remove(&2, 150), None);
+        e.insert(3, "d", 150, 250);
+        e.prune(1_000);
+        assert!(e.map.is_empty() && e.order.is_empty());
     }
 }
