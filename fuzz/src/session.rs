@@ -168,7 +168,8 @@ struct Harness {
     transient: Vec<(u32, bool, Bytes, Bytes)>,
     rooms: Vec<String>,
     in_flight: Vec<u64>,
-    /// Uplinks in flight when the core forgot them (a handoff): their answers change nothing.
+    /// Uplinks in flight when the core ended (its window went to an heir, which the model does
+    /// not follow): their answers to the ended core change nothing.
     orphans: Vec<u64>,
     answered: HashMap<u64, ErrorCode>,
     /// Uplinks and room requests the bucket let through, by gateway ms.
