@@ -185,7 +185,7 @@ settings! {
     offline_max_age_secs: u64 = 72 * 3600, "TETHER_OFFLINE_MAX_AGE_SECS";
     /// Embedded upstream: most members of a room [default: 100000].
     room_max_members: usize = 100_000, "TETHER_ROOM_MAX_MEMBERS";
-    /// Embedded upstream: devices whose accepted uplink ids it remembers (the most recent dedup_window ids of each), so that a resend after the session ended (kicked, expired) is not delivered twice; past it the device longest idle is forgotten [default: 100000].
+    /// Embedded upstream: devices whose accepted uplink ids it remembers (the most recent dedup_window ids of each), so that a resend after the session ended (kicked, expired) is not delivered twice; past it the device longest idle is forgotten; 0: none kept [default: 100000].
     accepted_max_devices: usize = 100_000, "TETHER_ACCEPTED_MAX_DEVICES";
     /// One-second slots of each worker's timing wheel [default: 512].
     timer_wheel_slots: usize = crate::timer::DEFAULT_WHEEL_SLOTS, "TETHER_TIMER_WHEEL_SLOTS";

@@ -1383,7 +1383,11 @@ impl Node {
             core.uplink_answered(msg_id, o.code);
             core.link()
         };
-        let link = match self.with_core(s, |core| (!core.is_ended()).then(|| answer(core))) {
+        let here = {
+            let mut core = s.state.lock();
+            (!core.is_ended()).then(|| answer(&mut core))
+        };
+        let link = match here {
             Some(link) => Some(link),
             // The session ended meanwhile: a login of the same device that replaced it took
             // its window on, this uplink with it, and its client's resend waits for this

@@ -60,6 +60,9 @@ impl SessionInfo {
     }
 }
 
+/// Longest user + device ids [`Names::new`] joins on the stack (longer ones: on the heap).
+const NAMES_ON_STACK: usize = 128;
+
 /// A user id and a device id in one shared allocation.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Names {
@@ -73,7 +76,7 @@ impl Names {
         // One allocation, the Arc's: short names are joined on the stack first (a joined
         // String would be a second, short-lived allocation per login, and those leave holes
         // between the sessions' long-lived ones).
-        let mut buf = [0u8; 128];
+        let mut buf = [0u8; NAMES_ON_STACK];
         let n = user.len() + device.len();
         let both: Arc<str> = match buf.get_mut(..n) {
             Some(b) => {
@@ -321,9 +324,14 @@ pub(crate) struct ReplyInner {
 impl ReplyInner {
     /// Answers if nobody has yet.
     pub(crate) fn answer(&self, outcome: Outcome) {
+        self.answer_with(|| outcome)
+    }
+
+    /// Answers with what `outcome` makes, if nobody has yet (nothing is made otherwise).
+    fn answer_with(&self, outcome: impl FnOnce() -> Outcome) {
         let done = self.done.lock().take();
         if let Some(done) = done {
-            done(outcome)
+            done(outcome())
         }
     }
 }
@@ -361,13 +369,8 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        let done = self.inner.done.lock().take();
-        if let Some(done) = done {
-            done(Outcome::err(
-                ErrorCode::Internal,
-                "the upstream dropped the request",
-            ))
-        }
+        self.inner
+            .answer_with(|| Outcome::err(ErrorCode::Internal, "the upstream dropped the request"))
     }
 }
 
