@@ -110,14 +110,14 @@ pub(crate) fn code_of(raw: i32) -> pb::ErrorCode {
 }
 
 /// Codes after which the client must not log in again by itself.
-fn is_terminal(code: pb::ErrorCode) -> bool {
+pub(crate) fn is_terminal(code: pb::ErrorCode) -> bool {
     matches!(
         code,
         pb::ErrorCode::AuthFailed | pb::ErrorCode::TokenExpired
     )
 }
 
-fn millis(ms: u32) -> Option<Duration> {
+pub(crate) fn millis(ms: u32) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms.into()))
 }
 
@@ -316,11 +316,16 @@ pub(crate) fn fallback_seed() -> u64 {
 }
 
 /// xorshift64*: jitter only, nothing secret.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new() -> Rng {
-        Rng(getrandom::u64().unwrap_or_else(|_| fallback_seed()) | 1)
+    pub(crate) fn new() -> Rng {
+        Rng::seeded(getrandom::u64().unwrap_or_else(|_| fallback_seed()))
+    }
+
+    /// A fixed sequence (tests on a virtual clock).
+    pub(crate) fn seeded(seed: u64) -> Rng {
+        Rng(seed | 1)
     }
 
     fn next(&mut self) -> u64 {
@@ -333,7 +338,7 @@ impl Rng {
     }
 
     /// Uniform in `0..=max`.
-    fn jitter(&mut self, max: Duration) -> Duration {
+    pub(crate) fn jitter(&mut self, max: Duration) -> Duration {
         let n = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
         let r = match n.checked_add(1) {
             Some(m) => self.next() % m,

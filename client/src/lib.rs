@@ -73,6 +73,7 @@
 //! as [`Client::close`] does.
 
 mod driver;
+pub mod machine;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
