@@ -11,7 +11,8 @@
 //! What it owns: login and resume, the heartbeat (the server-given interval, its first PING
 //! at a random phase so that clients that logged in together do not PING together),
 //! downlink seq / duplicate / gap accounting, the ack policy, uplink resend with the same
-//! `msg_id`, reconnect backoff with full jitter, GOAWAY and KICK.
+//! `msg_id`, room requests (sent again on a new connection; memberships joined again after a
+//! fresh session), reconnect backoff with full jitter, GOAWAY and KICK.
 //!
 //! # Receipts mean "processed"
 //!
@@ -22,7 +23,7 @@
 //! still queued or held unacked when the process dies were never acked: the next
 //! process resumes from [`ClientCore::saved`] and the gateway replays them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -139,7 +140,15 @@ pub enum CoreEvent {
         msg_id: u64,
         result: Result<(), Nack>,
     },
-    RoomResult(pb::RoomResult),
+    /// A ROOM_JOIN or ROOM_LEAVE was answered. `automatic`: the core's own re-join after a
+    /// fresh session (the old session's memberships ended with it).
+    Room {
+        request_id: u64,
+        room_id: String,
+        join: bool,
+        automatic: bool,
+        result: Result<(), Nack>,
+    },
     GoAway {
         reconnect_delay: Duration,
     },
@@ -182,6 +191,29 @@ enum Phase {
     Stopped,
 }
 
+struct PendingRoom {
+    room_id: String,
+    join: bool,
+    automatic: bool,
+}
+
+impl PendingRoom {
+    fn frame(&self, request_id: u64) -> Frame {
+        let room_id = self.room_id.clone();
+        Frame::new(if self.join {
+            Header::RoomJoin(Box::new(pb::RoomJoin {
+                request_id,
+                room_id,
+            }))
+        } else {
+            Header::RoomLeave(Box::new(pb::RoomLeave {
+                request_id,
+                room_id,
+            }))
+        })
+    }
+}
+
 struct Pending {
     frame: Bytes,
     /// When it was last written on the current connection (`None`: not on this one).
@@ -210,6 +242,11 @@ pub struct ClientCore {
     uplinks: BTreeMap<u64, Pending>,
     /// `(due, msg_id)` in due order (one uplink timeout for all).
     resend_q: VecDeque<(Instant, u64)>,
+    /// Room requests not answered yet, by request_id (sent again on a new connection).
+    rooms: BTreeMap<u64, PendingRoom>,
+    /// Rooms joined in this session (joined again after a fresh one).
+    joined: BTreeSet<String>,
+    next_request_id: u64,
     out: BytesMut,
     events: VecDeque<CoreEvent>,
 }
@@ -243,6 +280,9 @@ impl ClientCore {
             gap: None,
             uplinks: BTreeMap::new(),
             resend_q: VecDeque::new(),
+            rooms: BTreeMap::new(),
+            joined: BTreeSet::new(),
+            next_request_id: 1,
             out: BytesMut::new(),
             events: VecDeque::new(),
         }
@@ -426,6 +466,36 @@ impl ClientCore {
         true
     }
 
+    /// Joins (`join`) or leaves a room; answered by a [`CoreEvent::Room`] with the returned
+    /// request_id. Sent now if online, else on the next connection.
+    pub fn room(&mut self, now: Instant, room_id: &str, join: bool) -> u64 {
+        self.room_request(now, room_id.to_owned(), join, false)
+    }
+
+    /// Rooms joined in the current session, as far as the gateway has answered.
+    pub fn joined(&self) -> impl Iterator<Item = &str> {
+        self.joined.iter().map(String::as_str)
+    }
+
+    fn room_request(&mut self, now: Instant, room_id: String, join: bool, automatic: bool) -> u64 {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let r = PendingRoom {
+            room_id,
+            join,
+            automatic,
+        };
+        if let Phase::Online(l) = &mut self.phase {
+            if l.goaway.is_none() {
+                l.last_sent = now;
+                let f = r.frame(request_id);
+                self.write(&f);
+            }
+        }
+        self.rooms.insert(request_id, r);
+        request_id
+    }
+
     /// The application processed every message of `receipt`'s session up to it.
     pub fn ack(&mut self, now: Instant, receipt: Receipt) {
         self.processed(receipt, Some(now));
@@ -588,14 +658,24 @@ impl ClientCore {
     }
 
     fn fail_pending(&mut self) {
+        let stopped = || Nack {
+            code: pb::ErrorCode::Internal,
+            retry_after: None,
+            message: "the client stopped".into(),
+        };
         for (msg_id, _) in std::mem::take(&mut self.uplinks) {
             self.events.push_back(CoreEvent::UplinkAcked {
                 msg_id,
-                result: Err(Nack {
-                    code: pb::ErrorCode::Internal,
-                    retry_after: None,
-                    message: "the client stopped".into(),
-                }),
+                result: Err(stopped()),
+            });
+        }
+        for (request_id, r) in std::mem::take(&mut self.rooms) {
+            self.events.push_back(CoreEvent::Room {
+                request_id,
+                room_id: r.room_id,
+                join: r.join,
+                automatic: r.automatic,
+                result: Err(stopped()),
             });
         }
     }
@@ -641,6 +721,10 @@ impl ClientCore {
             self.processed_seq = 0;
             self.acked_seq = 0;
             self.gap = None;
+            // Memberships ended with the old session: join them again.
+            for room_id in std::mem::take(&mut self.joined) {
+                self.room_request(now, room_id, true, true);
+            }
         }
         self.session_id = Some(session_id);
         self.attempt = 0;
@@ -660,6 +744,10 @@ impl ClientCore {
             self.out.extend_from_slice(&p.frame);
             p.sent_at = Some(now);
             self.resend_q.push_back((resend_at, msg_id));
+        }
+        for (&request_id, r) in &self.rooms {
+            // Frames built here are small and valid.
+            let _ = r.frame(request_id).encode(&mut self.out, &self.cfg.limits);
         }
         self.phase = Phase::Online(Link {
             heartbeat,
@@ -696,7 +784,31 @@ impl ClientCore {
                 }
             }
             Header::Downlink(d) => self.on_downlink(now, d.seq, d.body_type, gzip, body),
-            Header::RoomResult(r) => self.events.push_back(CoreEvent::RoomResult(*r)),
+            Header::RoomResult(r) => {
+                if let Some(p) = self.rooms.remove(&r.request_id) {
+                    let result = if r.code == pb::ErrorCode::Ok as i32 {
+                        if p.join {
+                            self.joined.insert(p.room_id.clone());
+                        } else {
+                            self.joined.remove(&p.room_id);
+                        }
+                        Ok(())
+                    } else {
+                        Err(Nack {
+                            code: code_of(r.code),
+                            retry_after: None,
+                            message: r.message,
+                        })
+                    };
+                    self.events.push_back(CoreEvent::Room {
+                        request_id: r.request_id,
+                        room_id: p.room_id,
+                        join: p.join,
+                        automatic: p.automatic,
+                        result,
+                    });
+                }
+            }
             Header::GoAway(g) => {
                 if let Phase::Online(l) = &mut self.phase {
                     if l.goaway.is_none() {

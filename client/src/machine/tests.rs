@@ -534,3 +534,89 @@ fn a_gap_announced_on_resume_is_reported_and_messages_after_it_flow() {
     t.downlink(10);
     assert_eq!(receipts(&t.take_events()), [10]);
 }
+
+fn room_frames(frames: &[Frame]) -> Vec<(u64, String, bool)> {
+    frames
+        .iter()
+        .filter_map(|f| match &f.header {
+            Header::RoomJoin(j) => Some((j.request_id, j.room_id.clone(), true)),
+            Header::RoomLeave(l) => Some((l.request_id, l.room_id.clone(), false)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn room_ok(t: &mut T, request_id: u64) {
+    t.give(Header::RoomResult(Box::new(pb::RoomResult {
+        request_id,
+        ..Default::default()
+    })));
+}
+
+#[test]
+fn room_requests_wait_for_a_connection_and_memberships_are_joined_again_after_a_fresh_session() {
+    let mut t = T::new(cfg(13));
+    // Asked while offline: sent once the login succeeds.
+    let a = t.core.room(t.now, "a", true);
+    t.login(false);
+    assert_eq!(room_frames(&t.sent()), [(a, "a".to_string(), true)]);
+    room_ok(&mut t, a);
+    let b = t.core.room(t.now, "b", true);
+    assert_eq!(room_frames(&t.sent()), [(b, "b".to_string(), true)]);
+    // Unanswered when the connection goes: sent again on the next one (resumed: "a" is
+    // still joined, nothing else is sent).
+    t.core.handle_disconnected(t.now);
+    t.run_until(t.now + Duration::from_secs(1));
+    t.core.handle_connected(t.now);
+    t.sent();
+    t.give(Header::LoginResult(Box::new(pb::LoginResult {
+        session_id: Bytes::copy_from_slice(&SID),
+        resumed: true,
+        ..Default::default()
+    })));
+    assert_eq!(room_frames(&t.sent()), [(b, "b".to_string(), true)]);
+    room_ok(&mut t, b);
+    let ev = t.take_events();
+    assert!(ev.contains(&CoreEvent::Room {
+        request_id: b,
+        room_id: "b".into(),
+        join: true,
+        automatic: false,
+        result: Ok(())
+    }));
+    assert_eq!(t.core.joined().collect::<Vec<_>>(), ["a", "b"]);
+    // A fresh session: both joined again, by the core.
+    t.core.handle_disconnected(t.now);
+    t.run_until(t.now + Duration::from_secs(2));
+    t.core.handle_connected(t.now);
+    t.sent();
+    t.give(Header::LoginResult(Box::new(pb::LoginResult {
+        session_id: Bytes::copy_from_slice(&[3; 16]),
+        ..Default::default()
+    })));
+    let again = room_frames(&t.sent());
+    assert_eq!(
+        again.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(t.core.joined().count(), 0, "not joined until answered");
+    for (id, _, _) in &again {
+        room_ok(&mut t, *id);
+    }
+    let automatic = t
+        .take_events()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                CoreEvent::Room {
+                    automatic: true,
+                    result: Ok(()),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(automatic, 2);
+    assert_eq!(t.core.joined().collect::<Vec<_>>(), ["a", "b"]);
+}
