@@ -121,8 +121,9 @@ pub enum CoreEvent {
     /// Open a connection now and call [`ClientCore::handle_connected`] (or
     /// [`ClientCore::handle_disconnected`] if that fails).
     Connect,
-    /// Write what [`ClientCore::poll_transmit`] holds, then close the connection. The core
-    /// already counts it as gone: do not call `handle_disconnected` for it.
+    /// Close the connection, after writing what [`ClientCore::poll_transmit`] holds (the
+    /// final ack of [`ClientCore::close`]; otherwise nothing). The core already counts it
+    /// as gone: do not call `handle_disconnected` for it.
     Disconnect,
     Online {
         session_id: [u8; 16],
@@ -235,6 +236,9 @@ pub struct ClientCore {
     processed_seq: u64,
     /// Highest seq acked to the gateway.
     acked_seq: u64,
+    /// The `last_seq` the LOGIN's resume carried (what a resumed session counts as acked:
+    /// the app may ack more before LOGIN_RESULT comes).
+    login_seq: u64,
     /// A duplicate arrived: ack again even if nothing new was processed.
     force_ack: bool,
     ack_due: Option<Instant>,
@@ -275,6 +279,7 @@ impl ClientCore {
             received_seq: seq,
             processed_seq: seq,
             acked_seq: seq,
+            login_seq: seq,
             force_ack: false,
             ack_due: None,
             gap: None,
@@ -365,9 +370,10 @@ impl ClientCore {
             }
             *login_sent = true;
             let mut login = self.cfg.login.clone();
+            self.login_seq = self.processed_seq;
             login.resume = self.session_id.map(|id| pb::Resume {
                 session_id: Bytes::copy_from_slice(&id),
-                last_seq: self.processed_seq,
+                last_seq: self.login_seq,
             });
             self.write(&Frame::new(Header::Login(Box::new(login))));
             let _ = now;
@@ -447,7 +453,8 @@ impl ClientCore {
     }
 
     /// Queue an UPLINK (an encoded frame, resent as it is until UPLINK_ACK). `false`: that
-    /// `msg_id` is already pending (it goes once; one [`CoreEvent::UplinkAcked`] answers).
+    /// `msg_id` is already pending (it goes once; one [`CoreEvent::UplinkAcked`] answers),
+    /// or the core has stopped.
     pub fn send(&mut self, now: Instant, msg_id: u64, frame: Bytes) -> bool {
         if self.uplinks.contains_key(&msg_id) || self.is_stopped() {
             return false;
@@ -711,9 +718,10 @@ impl ClientCore {
         let resumed = r.resumed && self.session_id == Some(session_id);
         let gap = (r.gap_from != 0 || r.gap_to != 0).then_some((r.gap_from, r.gap_to));
         if resumed {
-            // What the LOGIN carried is acked; what the app holds unprocessed is kept (a
-            // replay of it is dropped as a duplicate), and comes again after a restart.
-            self.acked_seq = self.processed_seq;
+            // What the LOGIN carried is acked (what the app processed since is acked next);
+            // what the app holds unprocessed is kept (a replay of it is dropped as a
+            // duplicate), and comes again after a restart.
+            self.acked_seq = self.login_seq;
             self.gap = gap;
         } else {
             self.epoch += 1;

@@ -620,3 +620,29 @@ fn room_requests_wait_for_a_connection_and_memberships_are_joined_again_after_a_
     assert_eq!(automatic, 2);
     assert_eq!(t.core.joined().collect::<Vec<_>>(), ["a", "b"]);
 }
+
+#[test]
+fn what_the_app_acks_while_the_login_is_out_is_acked_after_the_resume() {
+    let mut t = T::new(cfg(14));
+    t.login(false);
+    t.downlink(1);
+    t.downlink(2);
+    t.take_events();
+    t.core.ack(t.now, Receipt { epoch: 1, seq: 1 });
+    t.core.handle_disconnected(t.now);
+    t.run_until(t.now + Duration::from_secs(1));
+    t.core.handle_connected(t.now);
+    let Some(Header::Login(l)) = t.sent().first().map(|f| f.header.clone()) else {
+        panic!()
+    };
+    assert_eq!(l.resume.map(|r| r.last_seq), Some(1));
+    // The app processes seq 2 before LOGIN_RESULT arrives: the gateway has not heard of it.
+    t.core.ack(t.now, Receipt { epoch: 1, seq: 2 });
+    t.give(Header::LoginResult(Box::new(pb::LoginResult {
+        session_id: Bytes::copy_from_slice(&SID),
+        resumed: true,
+        ..Default::default()
+    })));
+    t.run_until(t.now + Duration::from_millis(200));
+    assert_eq!(acks(&t.sent()), [2]);
+}
