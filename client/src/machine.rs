@@ -530,7 +530,8 @@ impl ClientCore {
         }
     }
 
-    /// Stop for good: the final ack goes out, then [`CoreEvent::Disconnect`].
+    /// Stop for good: the final ack goes out, then [`CoreEvent::Disconnect`]; what is
+    /// pending (uplinks, room requests) is answered as failed.
     pub fn close(&mut self, now: Instant) {
         if let Phase::Online(_) = self.phase {
             self.send_ack(now);
@@ -539,6 +540,7 @@ impl ClientCore {
             self.events.push_back(CoreEvent::Disconnect);
         }
         self.phase = Phase::Stopped;
+        self.fail_pending();
     }
 
     /// Resends every UPLINK whose answer is overdue (same bytes, same `msg_id`).

@@ -188,9 +188,19 @@ fn nothing_is_acked_until_the_application_acks_it() {
     t.core.ack(t.now, Receipt { epoch: 1, seq: 3 });
     t.run_until(t.now + Duration::from_millis(200));
     assert_eq!(acks(&t.sent()), [3]);
-    // Closing acks only what was processed.
+    // Closing acks only what was processed, and fails what is pending.
+    t.core.send(t.now, 1, uplink(1));
+    t.sent();
     t.core.close(t.now);
     assert_eq!(acks(&t.sent()), Vec::<u64>::new());
+    assert!(t.take_events().iter().any(|e| matches!(
+        e,
+        CoreEvent::UplinkAcked {
+            msg_id: 1,
+            result: Err(_)
+        }
+    )));
+    assert!(t.core.is_stopped());
     assert_eq!(
         t.core.saved(),
         Some(Saved {
