@@ -104,6 +104,17 @@ impl T {
         l.resume
     }
 
+    /// The connection drops; the core reconnects (after its backoff) and `result` answers
+    /// its LOGIN.
+    fn reconnect(&mut self, result: pb::LoginResult) {
+        self.core.handle_disconnected(self.now);
+        self.run_until(self.now + Duration::from_secs(2));
+        self.core.handle_connected(self.now);
+        let sent = self.sent();
+        assert!(matches!(sent[0].header, Header::Login(_)), "{sent:?}");
+        self.give(Header::LoginResult(Box::new(result)));
+    }
+
     fn downlink(&mut self, seq: u64) {
         self.core.handle_frame(
             self.now,
@@ -269,16 +280,12 @@ fn a_fresh_session_is_a_new_epoch_and_old_receipts_ack_nothing() {
     t.downlink(1);
     t.downlink(2);
     t.take_events();
-    t.core.handle_disconnected(t.now);
-    t.run_until(t.now + Duration::from_secs(2));
     // The gateway lost the session: not resumed.
-    t.core.handle_connected(t.now);
-    t.sent();
-    t.give(Header::LoginResult(Box::new(pb::LoginResult {
+    t.reconnect(pb::LoginResult {
         session_id: Bytes::copy_from_slice(&[9; 16]),
         heartbeat_interval_ms: 30_000,
         ..Default::default()
-    })));
+    });
     t.take_events();
     t.downlink(1);
     assert_eq!(
@@ -525,17 +532,13 @@ fn a_gap_announced_on_resume_is_reported_and_messages_after_it_flow() {
     t.downlink(1);
     t.take_events();
     t.core.ack(t.now, Receipt { epoch: 1, seq: 1 });
-    t.core.handle_disconnected(t.now);
-    t.run_until(t.now + Duration::from_secs(1));
-    t.core.handle_connected(t.now);
-    t.sent();
-    t.give(Header::LoginResult(Box::new(pb::LoginResult {
+    t.reconnect(pb::LoginResult {
         session_id: Bytes::copy_from_slice(&SID),
         resumed: true,
         gap_from: 2,
         gap_to: 9,
         ..Default::default()
-    })));
+    });
     assert!(t.take_events().contains(&CoreEvent::Online {
         session_id: SID,
         resumed: true,
@@ -575,15 +578,11 @@ fn room_requests_wait_for_a_connection_and_memberships_are_joined_again_after_a_
     assert_eq!(room_frames(&t.sent()), [(b, "b".to_string(), true)]);
     // Unanswered when the connection goes: sent again on the next one (resumed: "a" is
     // still joined, nothing else is sent).
-    t.core.handle_disconnected(t.now);
-    t.run_until(t.now + Duration::from_secs(1));
-    t.core.handle_connected(t.now);
-    t.sent();
-    t.give(Header::LoginResult(Box::new(pb::LoginResult {
+    t.reconnect(pb::LoginResult {
         session_id: Bytes::copy_from_slice(&SID),
         resumed: true,
         ..Default::default()
-    })));
+    });
     assert_eq!(room_frames(&t.sent()), [(b, "b".to_string(), true)]);
     room_ok(&mut t, b);
     let ev = t.take_events();
@@ -596,14 +595,10 @@ fn room_requests_wait_for_a_connection_and_memberships_are_joined_again_after_a_
     }));
     assert_eq!(t.core.joined().collect::<Vec<_>>(), ["a", "b"]);
     // A fresh session: both joined again, by the core.
-    t.core.handle_disconnected(t.now);
-    t.run_until(t.now + Duration::from_secs(2));
-    t.core.handle_connected(t.now);
-    t.sent();
-    t.give(Header::LoginResult(Box::new(pb::LoginResult {
+    t.reconnect(pb::LoginResult {
         session_id: Bytes::copy_from_slice(&[3; 16]),
         ..Default::default()
-    })));
+    });
     let again = room_frames(&t.sent());
     assert_eq!(
         again.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
