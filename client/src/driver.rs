@@ -364,18 +364,7 @@ struct PendingRoom {
 
 impl PendingRoom {
     fn frame(&self, request_id: u64) -> Frame {
-        let room_id = self.room_id.clone();
-        Frame::new(if self.join {
-            Header::RoomJoin(Box::new(pb::RoomJoin {
-                request_id,
-                room_id,
-            }))
-        } else {
-            Header::RoomLeave(Box::new(pb::RoomLeave {
-                request_id,
-                room_id,
-            }))
-        })
+        crate::machine::room_frame(request_id, self.room_id.clone(), self.join)
     }
 }
 

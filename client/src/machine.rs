@@ -200,19 +200,23 @@ struct PendingRoom {
 
 impl PendingRoom {
     fn frame(&self, request_id: u64) -> Frame {
-        let room_id = self.room_id.clone();
-        Frame::new(if self.join {
-            Header::RoomJoin(Box::new(pb::RoomJoin {
-                request_id,
-                room_id,
-            }))
-        } else {
-            Header::RoomLeave(Box::new(pb::RoomLeave {
-                request_id,
-                room_id,
-            }))
-        })
+        room_frame(request_id, self.room_id.clone(), self.join)
     }
+}
+
+/// ROOM_JOIN (`join`) or ROOM_LEAVE.
+pub(crate) fn room_frame(request_id: u64, room_id: String, join: bool) -> Frame {
+    Frame::new(if join {
+        Header::RoomJoin(Box::new(pb::RoomJoin {
+            request_id,
+            room_id,
+        }))
+    } else {
+        Header::RoomLeave(Box::new(pb::RoomLeave {
+            request_id,
+            room_id,
+        }))
+    })
 }
 
 struct Pending {
