@@ -100,6 +100,22 @@ fn encode(frame: &Frame, limits: &Limits) -> Bytes {
     b.freeze()
 }
 
+/// The whole frames that `bytes`, arriving on connection `c`, complete at a receiver whose
+/// current connection and buffer are `rx` (bytes of another connection are dropped: it is gone).
+fn read(rx: &mut Option<(u32, BytesMut)>, c: u32, bytes: &[u8], limits: Limits) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    if let Some((rc, buf)) = rx.as_mut() {
+        if *rc == c {
+            buf.extend_from_slice(bytes);
+            let d = Decoder::new(limits);
+            while let Some(f) = d.decode(buf).expect("both sides send valid frames") {
+                frames.push(f);
+            }
+        }
+    }
+    frames
+}
+
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut cfg = CoreConfig::new(pb::Login {
@@ -424,46 +440,18 @@ impl Sim {
     fn deliver(&mut self) {
         while self.to_gateway.front().is_some_and(|w| w.0 <= self.ms) {
             let (_, c, b) = self.to_gateway.pop_front().expect("front");
-            let Some((dc, buf)) = self.gw_decoder.as_mut() else {
-                continue;
-            };
-            if *dc != c {
-                continue;
-            }
-            buf.extend_from_slice(&b);
-            let mut buf = std::mem::take(buf);
-            let d = Decoder::new(self.limits);
-            while let Some(f) = d.decode(&mut buf).expect("the client sends valid frames") {
+            for f in read(&mut self.gw_decoder, c, &b, self.limits) {
                 self.gw_frame(c, f);
                 if self.conn != Some(c) {
                     break;
                 }
             }
-            if let Some((dc, b)) = self.gw_decoder.as_mut() {
-                if *dc == c {
-                    *b = buf;
-                }
-            }
         }
         while self.to_client.front().is_some_and(|w| w.0 <= self.ms) {
             let (_, c, b) = self.to_client.pop_front().expect("front");
-            let Some((dc, buf)) = self.cl_decoder.as_mut() else {
-                continue;
-            };
-            if *dc != c {
-                continue;
-            }
-            buf.extend_from_slice(&b);
-            let mut buf = std::mem::take(buf);
-            let d = Decoder::new(self.limits);
             let now = self.now();
-            while let Some(f) = d.decode(&mut buf).expect("the gateway sends valid frames") {
+            for f in read(&mut self.cl_decoder, c, &b, self.limits) {
                 self.client.handle_frame(now, f);
-            }
-            if let Some((dc, b)) = self.cl_decoder.as_mut() {
-                if *dc == c {
-                    *b = buf;
-                }
             }
             self.client_events();
         }
