@@ -181,8 +181,8 @@ struct Link {
 }
 
 enum Phase {
-    /// No connection; connect at this time (`None`: only on [`ClientCore::reconnect_now`]).
-    Offline(Option<Instant>),
+    /// No connection; connect at this time.
+    Offline(Instant),
     /// A connection is being opened, or LOGIN is out; given up at this time.
     Connecting {
         deadline: Instant,
@@ -276,7 +276,7 @@ impl ClientCore {
         ClientCore {
             cfg,
             rng,
-            phase: Phase::Offline(Some(now)),
+            phase: Phase::Offline(now),
             attempt: 0,
             session_id: saved.map(|s| s.session_id),
             epoch: 0,
@@ -313,6 +313,12 @@ impl ClientCore {
         matches!(self.phase, Phase::Stopped)
     }
 
+    /// Events not taken by [`ClientCore::poll_event`] yet. The core queues whatever frames
+    /// it is given: the shell bounds it by not reading while the application is behind.
+    pub fn queued_events(&self) -> usize {
+        self.events.len()
+    }
+
     /// UPLINKs not answered yet.
     pub fn pending_uplinks(&self) -> usize {
         self.uplinks.len()
@@ -341,7 +347,7 @@ impl ClientCore {
     /// When to call [`ClientCore::handle_timeout`] at the latest.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Offline(at) => *at,
+            Phase::Offline(at) => Some(*at),
             Phase::Connecting { deadline, .. } => Some(*deadline),
             Phase::Stopped => None,
             Phase::Online(l) => {
@@ -367,7 +373,7 @@ impl ClientCore {
     }
 
     /// The connection asked for by [`CoreEvent::Connect`] is open: LOGIN goes out.
-    pub fn handle_connected(&mut self, now: Instant) {
+    pub fn handle_connected(&mut self, _now: Instant) {
         if let Phase::Connecting { login_sent, .. } = &mut self.phase {
             if *login_sent {
                 return;
@@ -380,7 +386,6 @@ impl ClientCore {
                 last_seq: self.login_seq,
             });
             self.write(&Frame::new(Header::Login(Box::new(login))));
-            let _ = now;
         }
     }
 
@@ -394,7 +399,7 @@ impl ClientCore {
     /// Time passed: heartbeats, acks, resends, deadlines, the next connection attempt.
     pub fn handle_timeout(&mut self, now: Instant) {
         match &mut self.phase {
-            Phase::Offline(Some(at)) if *at <= now => {
+            Phase::Offline(at) if *at <= now => {
                 self.phase = Phase::Connecting {
                     deadline: now + self.cfg.connect_timeout,
                     login_sent: false,
@@ -519,13 +524,13 @@ impl ClientCore {
             Phase::Stopped => {}
             Phase::Offline(_) => {
                 self.attempt = 0;
-                self.phase = Phase::Offline(Some(now));
+                self.phase = Phase::Offline(now);
             }
             Phase::Connecting { .. } | Phase::Online(_) => {
                 self.events.push_back(CoreEvent::Disconnect);
                 self.attempt = 0;
                 self.unsend();
-                self.phase = Phase::Offline(Some(now));
+                self.phase = Phase::Offline(now);
                 self.events.push_back(CoreEvent::Offline {
                     code: None,
                     retry_in: Some(Duration::ZERO),
@@ -648,7 +653,7 @@ impl ClientCore {
         self.ack_due = None;
         self.force_ack = false;
         self.phase = match at {
-            Some(at) => Phase::Offline(Some(at)),
+            Some(at) => Phase::Offline(at),
             None => Phase::Stopped,
         };
         self.events.push_back(CoreEvent::Offline {
